@@ -1,0 +1,292 @@
+//! The audit trail: one event per read or write of a child's data, per check, and per key or organisation
+//! change, appended in the caller's transaction. Events form a hash chain so that a changed, removed or
+//! reordered event is detected by `verify`.
+
+use crate::clock::format_timestamp;
+use crate::db::schema::{audit_events, audit_head};
+use crate::db::{lock_audit_head, DbConnection};
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::result::Error;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Who did something, from the request's key (or `cli` for the command line).
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    pub org: String,
+    pub key_id: Option<String>,
+    pub role: Option<String>,
+    pub request_id: Option<String>,
+    pub practitioner: Option<String>,
+}
+
+impl Actor {
+    pub fn cli() -> Self {
+        Actor {
+            org: "cli".into(),
+            role: Some("operator".into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn with_practitioner(mut self, practitioner: Option<String>) -> Self {
+        self.practitioner = practitioner;
+        self
+    }
+}
+
+/// What happened, to whom, and how it ended.
+#[derive(Debug, Clone, Default)]
+pub struct Event<'a> {
+    pub action: &'a str,
+    pub nhs_number: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    pub outcome: &'a str,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, Serialize)]
+#[diesel(table_name = audit_events)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub at: String,
+    pub actor_ods: String,
+    pub key_id: Option<String>,
+    pub role: Option<String>,
+    pub practitioner: Option<String>,
+    pub action: String,
+    pub nhs_number: Option<String>,
+    pub subject: Option<String>,
+    pub outcome: String,
+    pub request_id: Option<String>,
+    pub detail: Option<String>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// The fields the hash covers, in a fixed order: serde_json writes struct fields in declaration order.
+#[derive(Serialize)]
+struct Canonical<'a> {
+    seq: i64,
+    at: &'a str,
+    actor_ods: &'a str,
+    key_id: Option<&'a str>,
+    role: Option<&'a str>,
+    practitioner: Option<&'a str>,
+    action: &'a str,
+    nhs_number: Option<&'a str>,
+    subject: Option<&'a str>,
+    outcome: &'a str,
+    request_id: Option<&'a str>,
+    detail: Option<&'a str>,
+}
+
+impl AuditRow {
+    fn canonical(&self) -> String {
+        let c = Canonical {
+            seq: self.seq,
+            at: &self.at,
+            actor_ods: &self.actor_ods,
+            key_id: self.key_id.as_deref(),
+            role: self.role.as_deref(),
+            practitioner: self.practitioner.as_deref(),
+            action: &self.action,
+            nhs_number: self.nhs_number.as_deref(),
+            subject: self.subject.as_deref(),
+            outcome: &self.outcome,
+            request_id: self.request_id.as_deref(),
+            detail: self.detail.as_deref(),
+        };
+        serde_json::to_string(&c).expect("audit canonical form always serialises")
+    }
+
+    fn compute_hash(&self) -> String {
+        chain_hash(&self.prev_hash, &self.canonical())
+    }
+}
+
+/// `SHA-256(prev_hash || canonical event)`, hex.
+pub fn chain_hash(prev_hash: &str, canonical: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(canonical.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Appends one event to the chain; call inside the transaction that does what the event records.
+pub fn append(
+    conn: &mut DbConnection,
+    at: NaiveDateTime,
+    actor: &Actor,
+    event: Event<'_>,
+) -> Result<i64, Error> {
+    let (last_seq, last_hash) = lock_audit_head(conn)?;
+    let mut row = AuditRow {
+        seq: last_seq + 1,
+        at: format_timestamp(at),
+        actor_ods: actor.org.clone(),
+        key_id: actor.key_id.clone(),
+        role: actor.role.clone(),
+        practitioner: actor.practitioner.clone(),
+        action: event.action.to_string(),
+        nhs_number: event.nhs_number.map(str::to_string),
+        subject: event.subject.map(str::to_string),
+        outcome: event.outcome.to_string(),
+        request_id: actor.request_id.clone(),
+        detail: event.detail,
+        prev_hash: last_hash,
+        hash: String::new(),
+    };
+    row.hash = row.compute_hash();
+    diesel::insert_into(audit_events::table)
+        .values(&row)
+        .execute(conn)?;
+    diesel::update(audit_head::table.find(1))
+        .set((
+            audit_head::last_seq.eq(row.seq),
+            audit_head::last_hash.eq(&row.hash),
+        ))
+        .execute(conn)?;
+    Ok(row.seq)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub checked: i64,
+    pub first_broken_seq: Option<i64>,
+}
+
+/// Walks the whole chain in order, in batches, and reports the first event that does not hold.
+pub fn verify(conn: &mut DbConnection) -> Result<VerifyReport, Error> {
+    const BATCH: i64 = 5_000;
+    let (head_seq, head_hash) = audit_head::table
+        .find(1)
+        .select((audit_head::last_seq, audit_head::last_hash))
+        .first::<(i64, String)>(conn)?;
+    let mut expected_seq = 1;
+    let mut expected_prev = GENESIS_HASH.to_string();
+    let mut checked = 0;
+    loop {
+        let batch: Vec<AuditRow> = audit_events::table
+            .filter(audit_events::seq.ge(expected_seq))
+            .order(audit_events::seq.asc())
+            .limit(BATCH)
+            .select(AuditRow::as_select())
+            .load(conn)?;
+        if batch.is_empty() {
+            break;
+        }
+        for row in &batch {
+            if row.seq != expected_seq
+                || row.prev_hash != expected_prev
+                || row.compute_hash() != row.hash
+            {
+                return Ok(VerifyReport {
+                    ok: false,
+                    checked,
+                    first_broken_seq: Some(expected_seq),
+                });
+            }
+            checked += 1;
+            expected_seq += 1;
+            expected_prev = row.hash.clone();
+        }
+    }
+    // The head remembers the end of the chain, so removing the newest events is detected too.
+    if head_seq != expected_seq - 1 || head_hash != expected_prev {
+        return Ok(VerifyReport {
+            ok: false,
+            checked,
+            first_broken_seq: Some(expected_seq),
+        });
+    }
+    Ok(VerifyReport {
+        ok: true,
+        checked,
+        first_broken_seq: None,
+    })
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SearchFilter {
+    pub nhs_number: Option<String>,
+    pub actor_ods: Option<String>,
+    pub from: Option<NaiveDateTime>,
+    pub to: Option<NaiveDateTime>,
+    pub page: i64,
+}
+
+/// One page of events, newest first, with the total count.
+pub fn search(
+    conn: &mut DbConnection,
+    filter: &SearchFilter,
+) -> Result<(Vec<AuditRow>, i64), Error> {
+    let page_size = crate::db::models::PAGE_SIZE;
+    let filtered = || {
+        let mut q = audit_events::table.into_boxed();
+        if let Some(n) = &filter.nhs_number {
+            q = q.filter(audit_events::nhs_number.eq(n.clone()));
+        }
+        if let Some(o) = &filter.actor_ods {
+            q = q.filter(audit_events::actor_ods.eq(o.clone()));
+        }
+        if let Some(from) = filter.from {
+            q = q.filter(audit_events::at.ge(format_timestamp(from)));
+        }
+        if let Some(to) = filter.to {
+            q = q.filter(audit_events::at.lt(format_timestamp(to)));
+        }
+        q
+    };
+    let total = filtered().count().get_result(conn)?;
+    let rows = filtered()
+        .order(audit_events::seq.desc())
+        .limit(page_size)
+        .offset(filter.page.saturating_sub(1).saturating_mul(page_size))
+        .select(AuditRow::as_select())
+        .load(conn)?;
+    Ok((rows, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, prev: &str) -> AuditRow {
+        let mut r = AuditRow {
+            seq,
+            at: "2026-01-01T00:00:00.000000Z".into(),
+            actor_ods: "RXK01".into(),
+            key_id: None,
+            role: Some("care_setting".into()),
+            practitioner: None,
+            action: "flag_check".into(),
+            nhs_number: Some("9434765919".into()),
+            subject: None,
+            outcome: "hit".into(),
+            request_id: None,
+            detail: None,
+            prev_hash: prev.into(),
+            hash: String::new(),
+        };
+        r.hash = r.compute_hash();
+        r
+    }
+
+    #[test]
+    fn each_hash_covers_the_previous_one_and_every_field() {
+        let first = row(1, GENESIS_HASH);
+        let second = row(2, &first.hash);
+        assert_ne!(first.hash, second.hash);
+        let mut changed = second.clone();
+        changed.outcome = "miss".into();
+        assert_ne!(changed.compute_hash(), second.hash);
+        let mut rechained = second.clone();
+        rechained.prev_hash = GENESIS_HASH.into();
+        assert_ne!(rechained.compute_hash(), second.hash);
+    }
+}

@@ -1,0 +1,219 @@
+//! The `cpis` command line: serve, migrate, and the operator commands for organisations, keys and the audit
+//! trail. Each command is a library function so tests can call it.
+
+use crate::audit::{self, Actor};
+use crate::clock::{format_timestamp, Clock, SystemClock};
+use crate::config::Settings;
+use crate::db::models::ApiKeyRow;
+use crate::db::Db;
+use crate::domain::OdsCode;
+use crate::error::{ApiError, Validator};
+use crate::startup::Application;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::io::Write;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cpis",
+    version,
+    about = "Child protection information sharing service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (and, later, its scheduled jobs).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage organisations.
+    #[command(subcommand)]
+    Orgs(OrgsCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Audit trail tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgsCommand {
+    /// Create or update an organisation.
+    Add {
+        #[arg(long)]
+        ods: String,
+        #[arg(long)]
+        name: String,
+        /// local_authority, care_setting, mpi_source or other
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        office_phone: Option<String>,
+        #[arg(long)]
+        emergency_duty_phone: Option<String>,
+        #[arg(long)]
+        email: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; the key itself is printed once, alone on the last line.
+    Create {
+        #[arg(long)]
+        org: String,
+        /// care_setting, social_care, mpi_feed, auditor or admin (repeat for several)
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+    },
+    /// Revoke a key by its id.
+    Revoke { id: String },
+    /// List keys (ids, organisations, roles; never the keys).
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the whole hash chain; exits non-zero when it is broken.
+    Verify,
+}
+
+fn api_error(e: ApiError) -> anyhow::Error {
+    match e {
+        ApiError::Validation(errors) => anyhow::anyhow!(
+            "{}",
+            errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        ApiError::Internal(cause) => cause,
+        other => anyhow::anyhow!("{}", other.detail()),
+    }
+}
+
+fn open_db(settings: &Settings) -> anyhow::Result<Db> {
+    let db = Db::connect(&settings.database).context("opening the database")?;
+    db.migrate().context("running migrations")?;
+    Ok(db)
+}
+
+pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve => Application::build(settings)?.run_until_stopped().await?,
+        other => tokio::task::spawn_blocking(move || run_blocking(other, settings)).await??,
+    }
+    Ok(())
+}
+
+fn run_blocking(command: Command, settings: Settings) -> anyhow::Result<()> {
+    let clock = SystemClock;
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Serve => unreachable!("serve runs on the async runtime"),
+        Command::Migrate => {
+            let db = Db::connect(&settings.database)?;
+            let applied = db.migrate()?;
+            writeln!(out, "{applied} migration(s) applied; database is current")?;
+        }
+        Command::Orgs(OrgsCommand::Add {
+            ods,
+            name,
+            kind,
+            region,
+            office_phone,
+            emergency_duty_phone,
+            email,
+        }) => {
+            let db = open_db(&settings)?;
+            let body = serde_json::json!({
+                "ods_code": ods, "name": name, "kind": kind, "region": region,
+                "office_phone": office_phone, "emergency_duty_phone": emergency_duty_phone, "email": email,
+            });
+            let org = crate::api::parse_organisation(body).map_err(api_error)?;
+            let now = clock.now_naive();
+            let (stored, created) = db
+                .write_blocking(|conn| {
+                    crate::api::store_organisation(conn, now, &Actor::cli(), org)
+                })
+                .map_err(api_error)?;
+            writeln!(
+                out,
+                "{} organisation {} ({})",
+                if created { "created" } else { "updated" },
+                stored.ods_code,
+                stored.name
+            )?;
+        }
+        Command::Keys(KeysCommand::Create { org, roles }) => {
+            let db = open_db(&settings)?;
+            let mut v = Validator::default();
+            let org = v.check("--org", OdsCode::parse(&org));
+            let roles = crate::api::parse_roles(&mut v, Some(roles));
+            v.finish().map_err(api_error)?;
+            let org = org.expect("validated");
+            let now = clock.now_naive();
+            let (id, secret) = db
+                .write_blocking(|conn| {
+                    crate::api::create_key(conn, now, &Actor::cli(), &org, &roles)
+                })
+                .map_err(api_error)?;
+            writeln!(out, "key id: {id}")?;
+            writeln!(
+                out,
+                "organisation: {}  roles: {}",
+                org,
+                crate::auth::encode_roles(&roles)
+            )?;
+            writeln!(out, "store this key now; it is not shown again:")?;
+            writeln!(out, "{secret}")?;
+        }
+        Command::Keys(KeysCommand::Revoke { id }) => {
+            let db = open_db(&settings)?;
+            let now = clock.now_naive();
+            db.write_blocking(|conn| crate::api::revoke_key(conn, now, &Actor::cli(), &id))
+                .map_err(api_error)?;
+            writeln!(out, "revoked key {id}")?;
+        }
+        Command::Keys(KeysCommand::List) => {
+            let db = open_db(&settings)?;
+            let mut conn = db.get()?;
+            for k in ApiKeyRow::list(&mut conn)? {
+                let state = match k.revoked_at {
+                    Some(at) => format!("revoked {}", format_timestamp(at)),
+                    None => "active".into(),
+                };
+                writeln!(
+                    out,
+                    "{}  {}  {}  created {}  {}",
+                    k.id,
+                    k.org_ods,
+                    k.roles,
+                    format_timestamp(k.created_at),
+                    state
+                )?;
+            }
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let db = open_db(&settings)?;
+            let mut conn = db.get()?;
+            let report = audit::verify(&mut conn)?;
+            writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            if !report.ok {
+                anyhow::bail!(
+                    "audit chain broken at event {}",
+                    report.first_broken_seq.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}

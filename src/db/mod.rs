@@ -1,0 +1,242 @@
+//! Storage: one diesel connection enum over SQLite and PostgreSQL, an r2d2 pool, embedded migrations, and the
+//! helpers that run every query on the blocking pool. SQL that differs by backend lives only in this module.
+
+pub mod models;
+pub mod schema;
+
+use crate::config::{DatabaseKind, DatabaseSettings};
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::r2d2::{self, ManageConnection};
+use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use secrecy::ExposeSecret;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgresql");
+
+#[derive(diesel::MultiConnection)]
+pub enum DbConnection {
+    Postgres(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("no database connection available")]
+    Pool(#[from] r2d2::PoolError),
+    #[error("database query failed")]
+    Query(#[from] diesel::result::Error),
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    #[error("database task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Opens connections of the configured kind. It replaces diesel's `ConnectionManager` because the enum's derived
+/// `establish` would try each backend in turn, and SQLite needs its URL turned into a path and its PRAGMAs set.
+#[derive(Clone)]
+pub struct Manager {
+    kind: DatabaseKind,
+    url: secrecy::SecretString,
+}
+
+impl ManageConnection for Manager {
+    type Connection = DbConnection;
+    type Error = r2d2::Error;
+
+    fn connect(&self) -> Result<DbConnection, r2d2::Error> {
+        match &self.kind {
+            DatabaseKind::Postgres => PgConnection::establish(self.url.expose_secret())
+                .map(DbConnection::Postgres)
+                .map_err(r2d2::Error::ConnectionError),
+            DatabaseKind::Sqlite { path } => {
+                let mut conn = SqliteConnection::establish(&path.to_string_lossy())
+                    .map_err(r2d2::Error::ConnectionError)?;
+                // WAL lets readers run beside the writer; FULL makes each commit durable before it is answered.
+                conn.batch_execute(
+                    "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                     PRAGMA foreign_keys = ON;",
+                )
+                .map_err(r2d2::Error::QueryError)?;
+                Ok(DbConnection::Sqlite(conn))
+            }
+        }
+    }
+
+    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), r2d2::Error> {
+        conn.batch_execute("SELECT 1")
+            .map_err(r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
+        false
+    }
+}
+
+/// The database handle the rest of cpis uses: cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: r2d2::Pool<Manager>,
+    kind: DatabaseKind,
+    /// SQLite allows one writer; taking this before a write transaction queues writers in-process instead of
+    /// letting them fail on a busy database.
+    write_lock: Arc<Mutex<()>>,
+}
+
+impl Db {
+    pub fn connect(settings: &DatabaseSettings) -> Result<Self, DbError> {
+        let kind = settings
+            .kind()
+            .map_err(|e| DbError::Migration(e.to_string()))?;
+        if let DatabaseKind::Sqlite { path } = &kind {
+            create_parent_dir(path)
+                .map_err(|e| DbError::Migration(format!("cannot create database folder: {e}")))?;
+        }
+        let manager = Manager {
+            kind: kind.clone(),
+            url: settings.url.clone(),
+        };
+        let pool = r2d2::Pool::builder()
+            .max_size(settings.pool_size)
+            .connection_timeout(Duration::from_secs(settings.connect_timeout_secs))
+            .build(manager)
+            .map_err(|e| DbError::Migration(format!("cannot open the database: {e}")))?;
+        Ok(Self {
+            pool,
+            kind,
+            write_lock: Arc::new(Mutex::new(())),
+        })
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self.kind, DatabaseKind::Sqlite { .. })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        if self.is_sqlite() {
+            "sqlite"
+        } else {
+            "postgresql"
+        }
+    }
+
+    /// Runs `f` with a pooled connection on the blocking pool, inside the caller's tracing span.
+    pub async fn run<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| {
+                let mut conn = pool.get().map_err(DbError::from)?;
+                f(&mut conn)
+            })
+        })
+        .await
+        .map_err(DbError::from)?
+    }
+
+    /// Runs `f` in one write transaction on the blocking pool. All writes that must commit together
+    /// (a business row, its audit event, its outbox row) go through here.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+    {
+        let this = self.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| this.write_blocking(f)))
+            .await
+            .map_err(DbError::from)?
+    }
+
+    /// `write` for callers already off the async threads (CLI, jobs).
+    pub fn write_blocking<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E>,
+        E: From<DbError> + From<diesel::result::Error>,
+    {
+        let mut conn = self.pool.get().map_err(DbError::from)?;
+        let _guard = if self.is_sqlite() {
+            Some(
+                self.write_lock
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            )
+        } else {
+            None
+        };
+        let conn: &mut DbConnection = &mut conn;
+        conn.transaction(f)
+    }
+
+    pub fn get(&self) -> Result<r2d2::PooledConnection<Manager>, DbError> {
+        Ok(self.pool.get()?)
+    }
+
+    /// Applies any migration not yet run; returns how many ran.
+    pub fn migrate(&self) -> Result<usize, DbError> {
+        let mut conn = self.get()?;
+        let applied = match &mut *conn {
+            DbConnection::Postgres(c) => c
+                .run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map(|v| v.len()),
+            DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
+        };
+        applied.map_err(|e| DbError::Migration(e.to_string()))
+    }
+
+    /// True when the database answers and every embedded migration has run.
+    pub fn is_ready(&self) -> Result<bool, DbError> {
+        let mut conn = self.get()?;
+        let pending = match &mut *conn {
+            DbConnection::Postgres(c) => c.has_pending_migration(POSTGRES_MIGRATIONS),
+            DbConnection::Sqlite(c) => c.has_pending_migration(SQLITE_MIGRATIONS),
+        };
+        pending
+            .map(|p| !p)
+            .map_err(|e| DbError::Migration(e.to_string()))
+    }
+}
+
+fn create_parent_dir(path: &std::path::Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => std::fs::create_dir_all(parent),
+        _ => Ok(()),
+    }
+}
+
+/// Where a SQLite URL points, for tools that need the file itself (backups).
+pub fn sqlite_path(settings: &DatabaseSettings) -> Option<PathBuf> {
+    match settings.kind() {
+        Ok(DatabaseKind::Sqlite { path }) => Some(path),
+        _ => None,
+    }
+}
+
+/// Takes the chain's head row for update. On PostgreSQL this row lock is what orders concurrent appenders;
+/// SQLite has a single writer already, and has no `FOR UPDATE`.
+pub fn lock_audit_head(conn: &mut DbConnection) -> Result<(i64, String), diesel::result::Error> {
+    use diesel::prelude::*;
+    use schema::audit_head::dsl::*;
+    match conn {
+        DbConnection::Postgres(c) => audit_head
+            .filter(id.eq(1))
+            .select((last_seq, last_hash))
+            .for_update()
+            .first(c),
+        DbConnection::Sqlite(c) => audit_head
+            .filter(id.eq(1))
+            .select((last_seq, last_hash))
+            .first(c),
+    }
+}

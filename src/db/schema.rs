@@ -1,0 +1,105 @@
+// One schema for both backends; the two migration trees under `migrations/` must produce it.
+
+diesel::table! {
+    organisations (ods_code) {
+        ods_code -> Text,
+        name -> Text,
+        kind -> Text,
+        region -> Nullable<Text>,
+        office_phone -> Nullable<Text>,
+        emergency_duty_phone -> Nullable<Text>,
+        email -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    api_keys (id) {
+        id -> Text,
+        org_ods -> Text,
+        roles -> Text,
+        key_hash -> Text,
+        created_at -> Timestamp,
+        revoked_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    plans (id) {
+        id -> Text,
+        la_ods -> Text,
+        local_reference -> Text,
+        nhs_number -> Text,
+        plan_type -> Text,
+        start_date -> Date,
+        end_date -> Nullable<Date>,
+        delete_date -> Nullable<Date>,
+        expected_delivery_date -> Nullable<Date>,
+        given_name -> Nullable<Text>,
+        family_name -> Nullable<Text>,
+        birth_date -> Nullable<Date>,
+        sex -> Nullable<Text>,
+        postcode -> Nullable<Text>,
+        office_phone -> Nullable<Text>,
+        emergency_duty_phone -> Nullable<Text>,
+        email -> Nullable<Text>,
+        version -> Integer,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    accesses (id) {
+        id -> Text,
+        nhs_number -> Text,
+        at -> Timestamp,
+        setting_ods -> Text,
+        setting_type -> Nullable<Text>,
+        kind -> Text,
+        access -> Text,
+        practitioner_name -> Nullable<Text>,
+        practitioner_role -> Nullable<Text>,
+        key_id -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    audit_events (seq) {
+        seq -> BigInt,
+        at -> Text,
+        actor_ods -> Text,
+        key_id -> Nullable<Text>,
+        role -> Nullable<Text>,
+        practitioner -> Nullable<Text>,
+        action -> Text,
+        nhs_number -> Nullable<Text>,
+        subject -> Nullable<Text>,
+        outcome -> Text,
+        request_id -> Nullable<Text>,
+        detail -> Nullable<Text>,
+        prev_hash -> Text,
+        hash -> Text,
+    }
+}
+
+diesel::table! {
+    audit_head (id) {
+        id -> Integer,
+        last_seq -> BigInt,
+        last_hash -> Text,
+    }
+}
+
+diesel::joinable!(api_keys -> organisations (org_ods));
+diesel::joinable!(plans -> organisations (la_ods));
+
+diesel::allow_tables_to_appear_in_same_query!(
+    organisations,
+    api_keys,
+    plans,
+    accesses,
+    audit_events,
+    audit_head
+);

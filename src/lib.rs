@@ -1,0 +1,15 @@
+//! cpis: child protection information sharing. Local authorities register protection plans; unscheduled-care
+//! settings check flags; every access is audited in a hash chain. `main.rs` only parses the command line.
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod plans;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,398 @@
+//! Protection plans: checking a registration, storing it idempotently on the local authority's own reference,
+//! applying changes, and shaping a plan for its owner. Used by the API and (later) the bulk importer alike.
+
+use crate::audit::{self, Actor, Event};
+use crate::clock::format_timestamp;
+use crate::db::models::{Organisation, PlanRow};
+use crate::db::DbConnection;
+use crate::domain::{
+    parse_date, parse_email, parse_phone, Demographics, NhsNumber, PersonName, PlanStatus,
+    PlanType, Postcode, Sex,
+};
+use crate::error::{ApiError, Validator};
+use chrono::{NaiveDate, NaiveDateTime};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBody {
+    pub local_reference: Option<String>,
+    pub nhs_number: Option<String>,
+    pub plan_type: Option<String>,
+    pub start_date: Option<String>,
+    pub end_date: Option<String>,
+    pub delete_date: Option<String>,
+    pub expected_delivery_date: Option<String>,
+    pub child: Option<ChildBody>,
+    pub contacts: Option<ContactsBody>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildBody {
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+    pub birth_date: Option<String>,
+    pub sex: Option<String>,
+    pub postcode: Option<String>,
+}
+
+/// Contacts for this plan where they differ from the local authority's own (a named team, say).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContactsBody {
+    pub office_phone: Option<String>,
+    pub emergency_duty_phone: Option<String>,
+    pub email: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contacts {
+    pub office_phone: Option<String>,
+    pub emergency_duty_phone: Option<String>,
+    pub email: Option<String>,
+}
+
+/// A registration whose every field has been checked.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub local_reference: String,
+    pub nhs_number: NhsNumber,
+    pub plan_type: PlanType,
+    pub start_date: NaiveDate,
+    pub end_date: Option<NaiveDate>,
+    pub delete_date: Option<NaiveDate>,
+    pub expected_delivery_date: Option<NaiveDate>,
+    pub child: Demographics,
+    pub contacts: Contacts,
+}
+
+pub fn parse_reference(input: &str) -> Result<String, String> {
+    let r = input.trim();
+    if r.is_empty() || r.chars().count() > 64 || r.chars().any(char::is_control) {
+        return Err("must be 1 to 64 characters without control characters".into());
+    }
+    Ok(r.to_string())
+}
+
+fn required<T>(
+    v: &mut Validator,
+    field: &str,
+    value: Option<String>,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Option<T> {
+    match value {
+        None => {
+            v.push(field, "is required");
+            None
+        }
+        Some(s) => v.check(field, parse(&s)),
+    }
+}
+
+pub fn parse_child(
+    v: &mut Validator,
+    prefix: &str,
+    child: ChildBody,
+    today: NaiveDate,
+) -> Demographics {
+    let f = |name: &str| format!("{prefix}{name}");
+    let birth_date = v.optional(&f("birth_date"), child.birth_date, |s| {
+        let d = parse_date(&s)?;
+        if d > today {
+            return Err("must not be in the future".into());
+        }
+        Ok(d)
+    });
+    Demographics {
+        given_name: v.optional(&f("given_name"), child.given_name, |s| {
+            PersonName::parse(&s)
+        }),
+        family_name: v.optional(&f("family_name"), child.family_name, |s| {
+            PersonName::parse(&s)
+        }),
+        birth_date,
+        sex: v.optional(&f("sex"), child.sex, |s| Sex::parse(&s)),
+        postcode: v.optional(&f("postcode"), child.postcode, |s| Postcode::parse(&s)),
+    }
+}
+
+pub fn parse_contacts(v: &mut Validator, c: ContactsBody) -> Contacts {
+    Contacts {
+        office_phone: v.optional("contacts.office_phone", c.office_phone, |s| parse_phone(&s)),
+        emergency_duty_phone: v.optional(
+            "contacts.emergency_duty_phone",
+            c.emergency_duty_phone,
+            |s| parse_phone(&s),
+        ),
+        email: v.optional("contacts.email", c.email, |s| parse_email(&s)),
+    }
+}
+
+/// The rules that tie a plan's dates together, checked on registration and on every change.
+pub fn check_dates(
+    v: &mut Validator,
+    plan_type: Option<PlanType>,
+    start: Option<NaiveDate>,
+    end: Option<NaiveDate>,
+    delete: Option<NaiveDate>,
+    edd: Option<NaiveDate>,
+) {
+    if let (Some(start), Some(end)) = (start, end) {
+        if end < start {
+            v.push("end_date", "must not be before start_date");
+        }
+    }
+    if let Some(delete) = delete {
+        if end.is_some_and(|end| delete < end) {
+            v.push("delete_date", "must not be before end_date");
+        } else if start.is_some_and(|start| delete < start) {
+            v.push("delete_date", "must not be before start_date");
+        }
+    }
+    match plan_type {
+        Some(PlanType::Ucpp) if edd.is_none() => v.push(
+            "expected_delivery_date",
+            "is required for a UCPP (unborn child protection plan)",
+        ),
+        Some(PlanType::Cpp | PlanType::Lac) if edd.is_some() => {
+            v.push("expected_delivery_date", "applies only to UCPP plans")
+        }
+        _ => {}
+    }
+}
+
+impl PlanInput {
+    pub fn parse(body: PlanBody, today: NaiveDate) -> Result<Self, ApiError> {
+        let mut v = Validator::default();
+        let local_reference = required(
+            &mut v,
+            "local_reference",
+            body.local_reference,
+            parse_reference,
+        );
+        let nhs_number = required(&mut v, "nhs_number", body.nhs_number, |s| {
+            NhsNumber::parse(s).map_err(|e| e.to_string())
+        });
+        let plan_type = required(&mut v, "plan_type", body.plan_type, PlanType::parse);
+        let start_date = required(&mut v, "start_date", body.start_date, parse_date);
+        let end_date = v.optional("end_date", body.end_date, |s| parse_date(&s));
+        let delete_date = v.optional("delete_date", body.delete_date, |s| parse_date(&s));
+        let edd = v.optional("expected_delivery_date", body.expected_delivery_date, |s| {
+            parse_date(&s)
+        });
+        let child = body
+            .child
+            .map(|c| parse_child(&mut v, "child.", c, today))
+            .unwrap_or_default();
+        let contacts = body
+            .contacts
+            .map(|c| parse_contacts(&mut v, c))
+            .unwrap_or_default();
+        check_dates(&mut v, plan_type, start_date, end_date, delete_date, edd);
+        v.finish()?;
+        Ok(PlanInput {
+            local_reference: local_reference.expect("validated"),
+            nhs_number: nhs_number.expect("validated"),
+            plan_type: plan_type.expect("validated"),
+            start_date: start_date.expect("validated"),
+            end_date,
+            delete_date,
+            expected_delivery_date: edd,
+            child,
+            contacts,
+        })
+    }
+}
+
+/// What registering did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+fn row_from_input(
+    input: &PlanInput,
+    la: &str,
+    id: String,
+    version: i32,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+) -> PlanRow {
+    PlanRow {
+        id,
+        la_ods: la.to_string(),
+        local_reference: input.local_reference.clone(),
+        nhs_number: input.nhs_number.as_str().to_string(),
+        plan_type: input.plan_type.as_str().to_string(),
+        start_date: input.start_date,
+        end_date: input.end_date,
+        delete_date: input.delete_date,
+        expected_delivery_date: input.expected_delivery_date,
+        given_name: input
+            .child
+            .given_name
+            .as_ref()
+            .map(|n| n.as_str().to_string()),
+        family_name: input
+            .child
+            .family_name
+            .as_ref()
+            .map(|n| n.as_str().to_string()),
+        birth_date: input.child.birth_date,
+        sex: input.child.sex.map(|s| s.as_str().to_string()),
+        postcode: input
+            .child
+            .postcode
+            .as_ref()
+            .map(|p| p.as_str().to_string()),
+        office_phone: input.contacts.office_phone.clone(),
+        emergency_duty_phone: input.contacts.emergency_duty_phone.clone(),
+        email: input.contacts.email.clone(),
+        version,
+        created_at,
+        updated_at,
+    }
+}
+
+/// Registers a plan for local authority `la`: creates it, or updates the plan with the same local reference,
+/// or changes nothing when the body is the same as before. Writes the audit event in the same transaction.
+pub fn register(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    actor: &Actor,
+    la: &str,
+    input: &PlanInput,
+) -> Result<(PlanRow, Registered), ApiError> {
+    let existing = PlanRow::find_by_reference(conn, la, &input.local_reference)?;
+    let (row, outcome) = match existing {
+        None => {
+            let row = row_from_input(input, la, uuid::Uuid::new_v4().to_string(), 1, now, now);
+            PlanRow::insert(conn, &row)?;
+            (row, Registered::Created)
+        }
+        Some(old) => {
+            let same = row_from_input(
+                input,
+                la,
+                old.id.clone(),
+                old.version,
+                old.created_at,
+                old.updated_at,
+            );
+            if same == old {
+                (old, Registered::Unchanged)
+            } else {
+                let row = PlanRow {
+                    version: old.version + 1,
+                    updated_at: now,
+                    ..same
+                };
+                PlanRow::update(conn, &row)?;
+                if old.nhs_number != row.nhs_number {
+                    // The plan has moved to another person: the one it left is recorded too.
+                    audit::append(
+                        conn,
+                        now,
+                        actor,
+                        Event {
+                            action: "plan.update",
+                            nhs_number: Some(&old.nhs_number),
+                            subject: Some(&row.id),
+                            outcome: "moved_to_other_nhs_number",
+                            ..Default::default()
+                        },
+                    )?;
+                }
+                (row, Registered::Updated)
+            }
+        }
+    };
+    let (action, outcome_text) = match outcome {
+        Registered::Created => ("plan.create", "created"),
+        Registered::Updated => ("plan.update", "updated"),
+        Registered::Unchanged => ("plan.register", "unchanged"),
+    };
+    audit::append(
+        conn,
+        now,
+        actor,
+        Event {
+            action,
+            nhs_number: Some(&row.nhs_number),
+            subject: Some(&row.id),
+            outcome: outcome_text,
+            ..Default::default()
+        },
+    )?;
+    Ok((row, outcome))
+}
+
+/// A plan as its owner (or an admin) sees it.
+pub fn to_json(row: &PlanRow, la: Option<&Organisation>, today: NaiveDate) -> Value {
+    let child = if row.given_name.is_some()
+        || row.family_name.is_some()
+        || row.birth_date.is_some()
+        || row.sex.is_some()
+        || row.postcode.is_some()
+    {
+        json!({
+            "given_name": row.given_name,
+            "family_name": row.family_name,
+            "birth_date": row.birth_date,
+            "sex": row.sex,
+            "postcode": row.postcode,
+        })
+    } else {
+        Value::Null
+    };
+    json!({
+        "id": row.id,
+        "local_reference": row.local_reference,
+        "nhs_number": row.nhs_number,
+        "plan_type": row.plan_type,
+        "status": PlanStatus::of(row.end_date, today).as_str(),
+        "start_date": row.start_date,
+        "end_date": row.end_date,
+        "delete_date": row.delete_date,
+        "expected_delivery_date": row.expected_delivery_date,
+        "child": child,
+        "contacts": {
+            "office_phone": row.office_phone,
+            "emergency_duty_phone": row.emergency_duty_phone,
+            "email": row.email,
+        },
+        "responsible": responsible(row, la, true),
+        "version": row.version,
+        "created_at": format_timestamp(row.created_at),
+        "updated_at": format_timestamp(row.updated_at),
+    })
+}
+
+/// The responsible local authority with the plan's own contacts preferred to the authority's defaults.
+pub fn responsible(row: &PlanRow, la: Option<&Organisation>, with_email: bool) -> Value {
+    let office = row
+        .office_phone
+        .clone()
+        .or_else(|| la.and_then(|o| o.office_phone.clone()));
+    let emergency = row
+        .emergency_duty_phone
+        .clone()
+        .or_else(|| la.and_then(|o| o.emergency_duty_phone.clone()));
+    let mut v = json!({
+        "ods_code": row.la_ods,
+        "name": la.map(|o| o.name.clone()),
+        "office_phone": office,
+        "emergency_duty_phone": emergency,
+    });
+    if with_email {
+        v["email"] = json!(row
+            .email
+            .clone()
+            .or_else(|| la.and_then(|o| o.email.clone())));
+    }
+    v
+}

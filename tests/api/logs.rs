@@ -1,0 +1,176 @@
+//! The service's own log output, captured from the real binary, never carries an NHS number.
+
+use crate::helpers::*;
+use serde_json::json;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+
+struct Served {
+    child: std::process::Child,
+    address: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Runs `cpis serve` at debug level with JSON logs, and waits for it to say where it listens.
+fn serve(db: &TestDb) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cpis"))
+        .arg("serve")
+        .env("CPIS_CONFIG_DIR", "/nonexistent")
+        .env("CPIS__DATABASE__URL", &db.url)
+        .env("CPIS__SERVER__PORT", "0")
+        .env("CPIS__LOG__FORMAT", "json")
+        .env("CPIS__LOG__LEVEL", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cpis serve");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut port = None;
+    let mut line = String::new();
+    while port.is_none() {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("cpis serve exited early: {}", log.lock().unwrap());
+        }
+        log.lock().unwrap().push_str(&line);
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("listening on"))
+            {
+                port = v["port"].as_u64();
+            }
+        }
+    }
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        sink.lock().unwrap().push_str(&rest);
+    });
+    Served {
+        child,
+        address: format!("http://127.0.0.1:{}", port.unwrap()),
+        log,
+    }
+}
+
+#[tokio::test]
+async fn a_full_scenario_leaves_no_nhs_number_in_the_logs() {
+    for backend in backends() {
+        let db = TestDb::new(backend);
+        let mut served = serve(&db);
+        let app = TestApp {
+            address: served.address.clone(),
+            admin_key: {
+                let out = Command::new(env!("CARGO_BIN_EXE_cpis"))
+                    .args([
+                        "orgs",
+                        "add",
+                        "--ods",
+                        "X26",
+                        "--name",
+                        "Operators",
+                        "--kind",
+                        "other",
+                    ])
+                    .env("CPIS_CONFIG_DIR", "/nonexistent")
+                    .env("CPIS__DATABASE__URL", &db.url)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let out = Command::new(env!("CARGO_BIN_EXE_cpis"))
+                    .args(["keys", "create", "--org", "X26", "--role", "admin"])
+                    .env("CPIS_CONFIG_DIR", "/nonexistent")
+                    .env("CPIS__DATABASE__URL", &db.url)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8(out.stdout)
+                    .unwrap()
+                    .lines()
+                    .last()
+                    .unwrap()
+                    .to_string()
+            },
+            client: reqwest::Client::new(),
+            db,
+        };
+        let w = app.world().await;
+        let numbers = ["9434765919", &test_nhs_number(11), &test_nhs_number(12)];
+        for (i, nhs) in numbers.iter().enumerate() {
+            let resp = app
+                .post("/v1/plans", &w.la, cpp_plan(&format!("REF-{i}"), nhs))
+                .await;
+            assert_eq!(resp.status, 201, "{resp:?}");
+            app.post(
+                "/v1/flag-checks",
+                &w.care,
+                json!({"patient": {"nhs_number": nhs}}),
+            )
+            .await;
+            app.post("/v1/plans/search", &w.la, json!({"nhs_number": nhs}))
+                .await;
+            app.post("/v1/audit/search", &w.auditor, json!({"nhs_number": nhs}))
+                .await;
+        }
+        // Errors that echo the input back to the caller must not echo it into the log.
+        app.post(
+            "/v1/flag-checks",
+            &w.care,
+            json!({"patient": {"nhs_number": "9434765918"}}),
+        )
+        .await;
+        app.post(
+            "/v1/flag-checks",
+            &w.care,
+            json!({"patient": {"nhs_number": 9434765919u64}}),
+        )
+        .await;
+        app.post_raw(
+            "/v1/flag-checks",
+            &w.care,
+            "application/json",
+            b"{\"patient\": {\"nhs_number\": \"9434765919\"".to_vec(),
+        )
+        .await;
+        app.post(
+            "/v1/plans",
+            &w.other_la,
+            json!({"nhs_number": "943 476 5919", "local_reference": "Amelia Smith"}),
+        )
+        .await;
+        // A query string never reaches the log either.
+        app.get("/v1/organisations/RXK01?nhs_number=9434765919", &w.care)
+            .await;
+
+        served.child.kill().unwrap();
+        served.child.wait().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let log = served.log.lock().unwrap().clone();
+        assert!(
+            log.contains("request completed"),
+            "the log was captured: {log}"
+        );
+        assert!(log.lines().count() > 20, "{log}");
+        for nhs in numbers.iter().chain(["9434765918", "943 476 5919"].iter()) {
+            let spaced = format!("{} {} {}", &nhs[..3], &nhs[3..6], &nhs[6..]);
+            assert!(
+                !log.contains(nhs) && !log.contains(&spaced),
+                "{nhs} appears in the log:\n{log}"
+            );
+        }
+        for name in ["Amelia", "Smith"] {
+            assert!(!log.contains(name), "{name} appears in the log");
+        }
+    }
+}

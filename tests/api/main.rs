@@ -1,0 +1,13 @@
+//! Integration tests: the real server on an ephemeral port, a fresh database per test, every database test on
+//! SQLite and, when `CPIS_TEST_POSTGRES_URL` is set, on PostgreSQL too.
+
+mod helpers;
+
+mod audit;
+mod auth;
+mod errors;
+mod flag_checks;
+mod health;
+mod logs;
+mod organisations;
+mod plans;
