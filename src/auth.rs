@@ -99,6 +99,8 @@ pub struct Principal {
     pub org: String,
     pub roles: Vec<Role>,
     pub request_id: String,
+    /// The region of the key's organisation: whose MPI knows its local identifiers.
+    pub region: Option<String>,
 }
 
 impl Principal {
@@ -181,7 +183,7 @@ pub async fn authenticate(
         .db
         .run(move |conn| Ok::<_, ApiError>(ApiKeyRow::find_active_by_hash(conn, &hash)?))
         .await?;
-    let row = row.ok_or(ApiError::Unauthenticated {
+    let (row, region) = row.ok_or(ApiError::Unauthenticated {
         detail: "the API key is unknown or revoked",
     })?;
     let request_id = req
@@ -195,6 +197,7 @@ pub async fn authenticate(
         org: row.org_ods,
         roles: decode_roles(&row.roles),
         request_id,
+        region,
     });
     next.call(req).await
 }
@@ -228,6 +231,7 @@ mod tests {
             org: "X01".into(),
             roles: vec![Role::Auditor],
             request_id: "r".into(),
+            region: None,
         };
         assert_eq!(
             p.require(&[Role::Admin, Role::Auditor]).unwrap(),

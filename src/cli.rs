@@ -8,10 +8,11 @@ use crate::db::models::ApiKeyRow;
 use crate::db::Db;
 use crate::domain::OdsCode;
 use crate::error::{ApiError, Validator};
-use crate::startup::Application;
+use crate::startup::{AppState, Application};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Write;
+use std::sync::Arc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,6 +40,24 @@ pub enum Command {
     /// Audit trail tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Scheduled jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Run one tick of a job now.
+    Run {
+        #[arg(value_enum)]
+        name: JobName,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum JobName {
+    /// Match again the attendances whose MPI lookup failed.
+    Rematch,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +128,15 @@ fn open_db(settings: &Settings) -> anyhow::Result<Db> {
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => Application::build(settings)?.run_until_stopped().await?,
+        Command::Jobs(JobsCommand::Run { name }) => {
+            let state = AppState::new(settings, Arc::new(SystemClock))?;
+            match name {
+                JobName::Rematch => {
+                    let report = crate::attendances::rematch(&state, 1000).await?;
+                    println!("{}", serde_json::to_string(&report)?);
+                }
+            }
+        }
         other => tokio::task::spawn_blocking(move || run_blocking(other, settings)).await??,
     }
     Ok(())
@@ -118,7 +146,7 @@ fn run_blocking(command: Command, settings: Settings) -> anyhow::Result<()> {
     let clock = SystemClock;
     let mut out = std::io::stdout().lock();
     match command {
-        Command::Serve => unreachable!("serve runs on the async runtime"),
+        Command::Serve | Command::Jobs(_) => unreachable!("runs on the async runtime"),
         Command::Migrate => {
             let db = Db::connect(&settings.database)?;
             let applied = db.migrate()?;

@@ -32,6 +32,8 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub audit: AuditSettings,
+    #[serde(default)]
+    pub mpi: MpiSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,6 +119,58 @@ impl Default for AuditSettings {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MpiSettings {
+    /// Demographic score (0..1) at or above which a person is matched and auto-linked.
+    pub matched_threshold: f64,
+    /// Score at or above which a person is reported as a possible match (never auto-linked).
+    pub possible_threshold: f64,
+    /// Per region: which MPI resolves its local identifiers and demographics. Regions not named use the built-in.
+    pub regions: std::collections::HashMap<String, RegionMpiSettings>,
+}
+
+impl Default for MpiSettings {
+    fn default() -> Self {
+        Self {
+            matched_threshold: 0.80,
+            possible_threshold: 0.50,
+            regions: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MpiKind {
+    Builtin,
+    Pixm,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionMpiSettings {
+    pub kind: MpiKind,
+    /// FHIR base of the region's PIXm/PDQm server, e.g. `https://mpi.example.nhs.uk/fhir`.
+    pub base_url: Option<String>,
+    #[serde(default = "default_mpi_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_mpi_rate")]
+    pub rate_per_second: u32,
+    #[serde(default = "default_mpi_cache_secs")]
+    pub cache_secs: u64,
+}
+
+fn default_mpi_timeout_ms() -> u64 {
+    3000
+}
+fn default_mpi_rate() -> u32 {
+    5
+}
+fn default_mpi_cache_secs() -> u64 {
+    60
+}
+
 /// Which database the URL names, with what the driver needs to open it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseKind {
@@ -195,6 +249,37 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("is not a valid filter: {e}")))?;
+        let mpi = &self.mpi;
+        if !(0.0 < mpi.possible_threshold
+            && mpi.possible_threshold < mpi.matched_threshold
+            && mpi.matched_threshold <= 1.0)
+        {
+            return Err(invalid(
+                "mpi.matched_threshold",
+                "thresholds must satisfy 0 < possible_threshold < matched_threshold <= 1",
+            ));
+        }
+        for (region, r) in &mpi.regions {
+            crate::domain::parse_region(region)
+                .map_err(|e| invalid("mpi.regions", format!("region `{region}` {e}")))?;
+            if r.kind == MpiKind::Pixm {
+                match &r.base_url {
+                    Some(u) if u.starts_with("https://") || u.starts_with("http://") => {}
+                    _ => {
+                        return Err(invalid(
+                            "mpi.regions",
+                            format!("region `{region}` of kind pixm needs an http(s) base_url"),
+                        ))
+                    }
+                }
+                if r.timeout_ms == 0 || r.rate_per_second == 0 {
+                    return Err(invalid(
+                        "mpi.regions",
+                        format!("region `{region}` needs timeout_ms and rate_per_second above 0"),
+                    ));
+                }
+            }
+        }
         if self.audit.retention_days < 365 {
             return Err(invalid("audit.retention_days", "must be at least 365 days"));
         }
@@ -208,6 +293,7 @@ impl Settings {
             database: DatabaseSettings::default(),
             log: LogSettings::default(),
             audit: AuditSettings::default(),
+            mpi: MpiSettings::default(),
         };
         s.database.url = SecretString::from(url.to_string());
         s

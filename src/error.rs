@@ -205,6 +205,10 @@ impl Validator {
         });
     }
 
+    pub fn count(&self) -> usize {
+        self.errors.len()
+    }
+
     pub fn is_ok(&self) -> bool {
         self.errors.is_empty()
     }

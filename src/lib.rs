@@ -2,6 +2,7 @@
 //! settings check flags; every access is audited in a hash chain. `main.rs` only parses the command line.
 
 pub mod api;
+pub mod attendances;
 pub mod audit;
 pub mod auth;
 pub mod cli;
@@ -10,6 +11,8 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod flags;
+pub mod mpi;
 pub mod plans;
 pub mod startup;
 pub mod telemetry;

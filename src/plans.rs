@@ -311,6 +311,10 @@ pub fn register(
             }
         }
     };
+    // The built-in MPI learns every person a plan names (for UCPP, the mother), with the newest demographics.
+    if outcome != Registered::Unchanged {
+        crate::mpi::builtin::upsert_person(conn, now, Some(&row.nhs_number), &input.child)?;
+    }
     let (action, outcome_text) = match outcome {
         Registered::Created => ("plan.create", "created"),
         Registered::Updated => ("plan.update", "updated"),

@@ -3,6 +3,7 @@
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::db::Db;
+use crate::mpi::Mpi;
 use crate::{api, telemetry};
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
@@ -10,11 +11,28 @@ use actix_web::{web, App, HttpServer};
 use std::net::TcpListener;
 use std::sync::Arc;
 
-/// What every handler can reach.
+/// What every handler and job can reach.
 pub struct AppState {
     pub db: Db,
     pub settings: Arc<Settings>,
     pub clock: Arc<dyn Clock>,
+    pub mpi: Arc<dyn Mpi>,
+}
+
+impl AppState {
+    /// Opens the database (running migrations) and builds the MPI router.
+    pub fn new(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let db = Db::connect(&settings.database)?;
+        let applied = db.migrate()?;
+        tracing::info!(backend = db.backend_name(), applied, "database ready");
+        let mpi = Arc::new(crate::mpi::from_settings(&settings.mpi, db.clone())?);
+        Ok(AppState {
+            db,
+            settings: Arc::new(settings),
+            clock,
+            mpi,
+        })
+    }
 }
 
 pub struct Application {
@@ -29,9 +47,6 @@ impl Application {
     }
 
     pub fn build_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let db = Db::connect(&settings.database)?;
-        let applied = db.migrate()?;
-        tracing::info!(backend = db.backend_name(), applied, "database ready");
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -47,11 +62,7 @@ impl Application {
                 .unwrap_or(2),
             n => n,
         };
-        let state = web::Data::new(AppState {
-            db,
-            settings: Arc::new(settings),
-            clock,
-        });
+        let state = web::Data::new(AppState::new(settings, clock)?);
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

@@ -1,37 +1,24 @@
-//! `POST /v1/flag-checks`: a care setting asks whether a child is flagged. The answer carries each plan with the
-//! responsible authority's contacts and the child's recent unscheduled accesses. Every check, hit or miss, is
-//! audited; an unscheduled check of a flagged child is recorded as an access.
+//! `POST /v1/flag-checks`: a care setting asks whether a patient is flagged. The patient is resolved through the
+//! MPI (NHS number, local identifier or demographics); a matched patient's plans come back with the responsible
+//! authority's contacts and the recent unscheduled accesses; a possible match names only whom to call. Every
+//! check, hit or miss, is audited; an unscheduled check that hits is recorded as an access.
 
+use super::patient::{parse_patient, PatientBody};
 use super::ApiJson;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::clock::format_timestamp;
-use crate::db::models::{AccessRow, Organisation, PlanRow};
-use crate::domain::{AccessKind, NhsNumber, OdsCode, PlanStatus, SettingType};
+use crate::db::models::AccessRow;
+use crate::domain::{AccessKind, OdsCode, SettingType};
 use crate::error::{ApiError, Validator};
-use crate::plans;
+use crate::flags;
+use crate::mpi::{MatchStatus, MpiError, PatientQuery};
 use crate::startup::AppState;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 pub const RECENT_ACCESSES: i64 = 25;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PatientBody {
-    pub nhs_number: Option<String>,
-    pub identifier: Option<IdentifierBody>,
-    pub demographics: Option<crate::plans::ChildBody>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)] // read once the MPI lookup resolves local identifiers
-pub struct IdentifierBody {
-    pub system: Option<String>,
-    pub value: Option<String>,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +38,7 @@ pub struct CheckBody {
 }
 
 struct Check {
-    nhs_number: NhsNumber,
+    patient: PatientQuery,
     access: AccessKind,
     practitioner: Option<String>,
     practitioner_name: Option<String>,
@@ -60,7 +47,7 @@ struct Check {
     setting_type: Option<SettingType>,
 }
 
-fn short_text(max: usize) -> impl Fn(String) -> Result<String, String> {
+pub fn short_text(max: usize) -> impl Fn(String) -> Result<String, String> {
     move |s| {
         let t = s.trim();
         if t.is_empty() || t.chars().count() > max || t.chars().any(char::is_control) {
@@ -72,28 +59,23 @@ fn short_text(max: usize) -> impl Fn(String) -> Result<String, String> {
     }
 }
 
-fn parse_check(body: CheckBody, principal: &Principal) -> Result<Check, ApiError> {
+/// A setting may only speak for itself: `setting_ods`, when sent, must be the key's organisation.
+pub fn own_setting(principal: &Principal, sent: Option<OdsCode>) -> Result<String, ApiError> {
+    match sent {
+        Some(code) if code.as_str() != principal.org => Err(ApiError::Forbidden(
+            "setting_ods must be the organisation of this API key".into(),
+        )),
+        _ => Ok(principal.org.clone()),
+    }
+}
+
+fn parse_check(
+    body: CheckBody,
+    principal: &Principal,
+    today: chrono::NaiveDate,
+) -> Result<Check, ApiError> {
     let mut v = Validator::default();
-    let nhs_number = match body.patient {
-        None => {
-            v.push("patient", "is required");
-            None
-        }
-        Some(p) => match p.nhs_number {
-            Some(n) => v.check("patient.nhs_number", NhsNumber::parse(&n).map_err(|e| e.to_string())),
-            None if p.identifier.is_some() || p.demographics.is_some() => {
-                return Err(ApiError::Unprocessable(
-                    "checks by local identifier or demographics need the MPI lookup, which this deployment does not \
-                     offer yet; send patient.nhs_number"
-                        .into(),
-                ))
-            }
-            None => {
-                v.push("patient.nhs_number", "is required");
-                None
-            }
-        },
-    };
+    let patient = parse_patient(&mut v, body.patient, today, principal.region.clone());
     let access = v
         .optional("access", body.access, |s| AccessKind::parse(&s))
         .unwrap_or(AccessKind::Unscheduled);
@@ -104,14 +86,7 @@ fn parse_check(body: CheckBody, principal: &Principal) -> Result<Check, ApiError
         ),
         None => (None, None),
     };
-    let setting_ods = match v.optional("setting_ods", body.setting_ods, |s| OdsCode::parse(&s)) {
-        Some(code) if code.as_str() != principal.org => {
-            return Err(ApiError::Forbidden(
-                "setting_ods must be the organisation of this API key".into(),
-            ))
-        }
-        _ => principal.org.clone(),
-    };
+    let setting_ods = v.optional("setting_ods", body.setting_ods, |s| OdsCode::parse(&s));
     let setting_type = v.optional("setting_type", body.setting_type, |s| {
         SettingType::parse(&s)
     });
@@ -123,26 +98,18 @@ fn parse_check(body: CheckBody, principal: &Principal) -> Result<Check, ApiError
         (None, None) => None,
     };
     Ok(Check {
-        nhs_number: nhs_number.expect("validated"),
+        patient: patient.expect("validated"),
         access,
         practitioner,
         practitioner_name,
         practitioner_role,
-        setting_ods,
+        setting_ods: own_setting(principal, setting_ods)?,
         setting_type,
     })
 }
 
-/// A flag as a clinician sees it: no child demographics, the authority's phone numbers.
-fn flag_json(row: &PlanRow, la: Option<&Organisation>, status: PlanStatus) -> Value {
-    json!({
-        "plan_type": row.plan_type,
-        "status": status.as_str(),
-        "start_date": row.start_date,
-        "end_date": row.end_date,
-        "expected_delivery_date": row.expected_delivery_date,
-        "responsible": plans::responsible(row, la, false),
-    })
+pub fn mpi_unavailable(e: MpiError) -> ApiError {
+    ApiError::Unavailable(format!("{e}; an NHS number can still be checked"))
 }
 
 pub async fn check(
@@ -151,25 +118,32 @@ pub async fn check(
     body: ApiJson<CheckBody>,
 ) -> Result<HttpResponse, ApiError> {
     let role = principal.require(&[Role::CareSetting])?;
-    let check = parse_check(body.0, &principal)?;
+    let today = state.clock.today();
+    let check = parse_check(body.0, &principal, today)?;
+    let resolution = state
+        .mpi
+        .resolve(&check.patient)
+        .await
+        .map_err(mpi_unavailable)?;
     let actor = principal
         .actor(role)
         .with_practitioner(check.practitioner.clone());
     let now = state.clock.now_naive();
-    let today = state.clock.today();
     let key_id = principal.key_id.clone();
     let json = state
         .db
         .write(move |conn| {
-            let nhs = check.nhs_number.as_str();
-            let plans = PlanRow::for_nhs_number(conn, nhs)?;
-            let hit = plans.iter().any(|p| PlanStatus::of(p.end_date, today) == PlanStatus::Active);
+            let view = flags::view(conn, &resolution, today, None)?;
+            let matched = resolution.status == MatchStatus::Matched;
             // The caller sees the accesses before this one; this one shows up in the next check.
-            let recent = if plans.is_empty() { Vec::new() } else { AccessRow::recent_unscheduled(conn, nhs, RECENT_ACCESSES)? };
-            if hit {
+            let recent = match (&view.nhs_number, matched && !view.flags.is_empty()) {
+                (Some(nhs), true) => AccessRow::recent_unscheduled(conn, nhs, RECENT_ACCESSES)?,
+                _ => Vec::new(),
+            };
+            if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
                 AccessRow::insert(conn, &AccessRow {
                     id: uuid::Uuid::new_v4().to_string(),
-                    nhs_number: nhs.to_string(),
+                    nhs_number: nhs.clone(),
                     at: now,
                     setting_ods: check.setting_ods.clone(),
                     setting_type: check.setting_type.map(|t| t.as_str().to_string()),
@@ -180,30 +154,35 @@ pub async fn check(
                     key_id: Some(key_id),
                 })?;
             }
+            let audited_nhs = view.nhs_number.as_deref().or(check.patient.nhs_number.as_ref().map(|n| n.as_str()));
+            let outcome = match resolution.status {
+                MatchStatus::Matched if view.hit => "hit",
+                MatchStatus::Possible if !view.flags.is_empty() => "possible_hit",
+                _ => "miss",
+            };
             audit::append(conn, now, &actor, Event {
                 action: "flag_check",
-                nhs_number: Some(nhs),
-                outcome: if hit { "hit" } else { "miss" },
-                detail: Some(json!({"access": check.access.as_str(), "setting_ods": check.setting_ods, "plans": plans.len()}).to_string()),
+                nhs_number: audited_nhs,
+                outcome,
+                detail: Some(
+                    json!({
+                        "access": check.access.as_str(),
+                        "setting_ods": check.setting_ods,
+                        "match": resolution.status.as_str(),
+                        "method": resolution.method.as_str(),
+                        "score": resolution.score,
+                    })
+                    .to_string(),
+                ),
                 ..Default::default()
             })?;
-            let mut codes: Vec<String> = plans.iter().map(|p| p.la_ods.clone()).collect();
-            codes.dedup();
-            let orgs = Organisation::find_many(conn, &codes)?;
-            let flags: Vec<Value> = plans
-                .iter()
-                .map(|p| flag_json(p, orgs.iter().find(|o| o.ods_code == p.la_ods), PlanStatus::of(p.end_date, today)))
-                .collect();
             let recent: Vec<Value> = recent
                 .into_iter()
-                .map(|a| json!({"at": format_timestamp(a.at), "setting_ods": a.setting_ods, "setting_name": a.setting_name, "setting_type": a.setting_type}))
+                .map(|a| {
+                    json!({"at": format_timestamp(a.at), "setting_ods": a.setting_ods, "setting_name": a.setting_name, "setting_type": a.setting_type})
+                })
                 .collect();
-            let matched = if plans.is_empty() {
-                json!({"status": "none", "method": "nhs_number", "score": 0.0})
-            } else {
-                json!({"status": "matched", "method": "nhs_number", "score": 1.0})
-            };
-            Ok::<_, ApiError>(json!({"match": matched, "flags": flags, "recent_accesses": recent}))
+            Ok::<_, ApiError>(json!({"match": flags::match_json(&resolution), "flags": view.flags, "recent_accesses": recent}))
         })
         .await?;
     Ok(HttpResponse::Ok().json(json))

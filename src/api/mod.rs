@@ -1,11 +1,14 @@
 //! HTTP API v1: routes, the JSON body extractor, and the handlers grouped by resource. Handlers turn DTOs into
 //! domain values, run one transaction through `Db`, and shape the answer; they never send anything out.
 
+mod attendances;
 mod audit;
 mod flag_checks;
 mod health;
 mod keys;
+mod mpi;
 mod organisations;
+mod patient;
 mod plans;
 
 use crate::auth;
@@ -51,6 +54,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                         .patch(plans::patch),
                 )
                 .service(web::resource("/flag-checks").post(flag_checks::check))
+                .service(web::resource("/attendances").post(attendances::create))
+                .service(web::resource("/mpi/links").post(mpi::link))
+                .service(web::resource("/mpi/resolve").post(mpi::resolve))
                 .service(web::resource("/audit/search").post(audit::search))
                 .service(web::resource("/audit/verify").get(audit::verify)),
         );

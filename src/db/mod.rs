@@ -30,11 +30,17 @@ pub enum DbError {
     #[error("no database connection available")]
     Pool(#[from] r2d2::PoolError),
     #[error("database query failed")]
-    Query(#[from] diesel::result::Error),
+    Query(#[source] diesel::result::Error),
     #[error("database migration failed: {0}")]
     Migration(String),
     #[error("database task failed")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl From<diesel::result::Error> for DbError {
+    fn from(e: diesel::result::Error) -> Self {
+        DbError::Query(e)
+    }
 }
 
 /// Opens connections of the configured kind. It replaces diesel's `ConnectionManager` because the enum's derived
@@ -238,5 +244,21 @@ pub fn lock_audit_head(conn: &mut DbConnection) -> Result<(i64, String), diesel:
             .filter(id.eq(1))
             .select((last_seq, last_hash))
             .first(c),
+    }
+}
+
+/// A multi-row insert, which diesel's connection enum cannot express in one statement for both backends.
+pub fn insert_persons(
+    conn: &mut DbConnection,
+    rows: &[crate::mpi::builtin::PersonRow],
+) -> Result<usize, diesel::result::Error> {
+    use diesel::prelude::*;
+    match conn {
+        DbConnection::Postgres(c) => diesel::insert_into(schema::persons::table)
+            .values(rows)
+            .execute(c),
+        DbConnection::Sqlite(c) => diesel::insert_into(schema::persons::table)
+            .values(rows)
+            .execute(c),
     }
 }

@@ -83,11 +83,16 @@ impl ApiKeyRow {
             .map(|_| ())
     }
 
-    pub fn find_active_by_hash(conn: &mut DbConnection, hash: &str) -> Result<Option<Self>, Error> {
+    /// The active key with this hash, with its organisation's region.
+    pub fn find_active_by_hash(
+        conn: &mut DbConnection,
+        hash: &str,
+    ) -> Result<Option<(Self, Option<String>)>, Error> {
         api_keys::table
+            .inner_join(organisations::table)
             .filter(api_keys::key_hash.eq(hash))
             .filter(api_keys::revoked_at.is_null())
-            .select(Self::as_select())
+            .select((Self::as_select(), organisations::region))
             .first(conn)
             .optional()
     }

@@ -92,6 +92,64 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    persons (id) {
+        id -> Text,
+        nhs_number -> Nullable<Text>,
+        given_name -> Nullable<Text>,
+        family_name -> Nullable<Text>,
+        birth_date -> Nullable<Date>,
+        sex -> Nullable<Text>,
+        postcode -> Nullable<Text>,
+        name_key -> Nullable<Text>,
+        postcode_key -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    person_identifiers (system, value) {
+        system -> Text,
+        value -> Text,
+        region -> Text,
+        person_id -> Text,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    attendances (id) {
+        id -> Text,
+        setting_ods -> Text,
+        attendance_id -> Text,
+        setting_type -> Text,
+        arrived_at -> Timestamp,
+        reason -> Nullable<Text>,
+        nhs_number -> Nullable<Text>,
+        identifier_system -> Nullable<Text>,
+        identifier_value -> Nullable<Text>,
+        given_name -> Nullable<Text>,
+        family_name -> Nullable<Text>,
+        birth_date -> Nullable<Date>,
+        sex -> Nullable<Text>,
+        postcode -> Nullable<Text>,
+        region -> Nullable<Text>,
+        match_status -> Text,
+        match_method -> Nullable<Text>,
+        match_score -> Nullable<Double>,
+        person_id -> Nullable<Text>,
+        resolved_nhs_number -> Nullable<Text>,
+        flagged -> Bool,
+        rematch_attempts -> Integer,
+        key_id -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::joinable!(person_identifiers -> persons (person_id));
 diesel::joinable!(api_keys -> organisations (org_ods));
 diesel::joinable!(plans -> organisations (la_ods));
 
@@ -101,5 +159,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     plans,
     accesses,
     audit_events,
-    audit_head
+    audit_head,
+    persons,
+    person_identifiers,
+    attendances
 );

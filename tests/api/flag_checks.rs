@@ -188,15 +188,34 @@ async fn checks_validate_the_patient_and_the_setting() {
         let none = app
             .post("/v1/flag-checks", &w.care, json!({"patient": {}}))
             .await;
-        assert_eq!(none.error_fields(), ["patient.nhs_number"]);
-        let by_identifier = app
+        assert_eq!(none.error_fields(), ["patient"]);
+        let unknown_identifier = app
             .post(
                 "/v1/flag-checks",
                 &w.care,
                 json!({"patient": {"identifier": {"system": "urn:bsol:mrn", "value": "A1"}}}),
             )
             .await;
-        by_identifier.problem(422);
+        assert_eq!(
+            unknown_identifier.body["match"],
+            json!({"status": "none", "method": "identifier", "score": 0.0})
+        );
+        let half_identifier = app
+            .post(
+                "/v1/flag-checks",
+                &w.care,
+                json!({"patient": {"identifier": {"system": "urn:bsol:mrn"}}}),
+            )
+            .await;
+        assert_eq!(half_identifier.error_fields(), ["patient.identifier.value"]);
+        let thin = app
+            .post(
+                "/v1/flag-checks",
+                &w.care,
+                json!({"patient": {"demographics": {"family_name": "Smith"}}}),
+            )
+            .await;
+        assert_eq!(thin.error_fields(), ["patient.demographics"]);
         let access = app
             .post(
                 "/v1/flag-checks",

@@ -169,8 +169,15 @@ impl Resp {
 
 /// Starts the server on a fresh database with one admin organisation and key.
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// `spawn_app` with settings changed first.
+pub async fn spawn_app_with(backend: Backend, change: impl FnOnce(&mut Settings)) -> TestApp {
     let db = TestDb::new(backend);
-    let app = Application::build(db.settings()).expect("build application");
+    let mut settings = db.settings();
+    change(&mut settings);
+    let app = Application::build(settings).expect("build application");
     let address = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped());
     let admin_key = bootstrap_admin(&db);
@@ -272,12 +279,16 @@ impl TestApp {
     }
 
     pub async fn add_org(&self, ods: &str, name: &str, kind: &str) -> Resp {
+        self.add_org_in(ods, name, kind, "BSOL").await
+    }
+
+    pub async fn add_org_in(&self, ods: &str, name: &str, kind: &str, region: &str) -> Resp {
         let resp = self
             .post(
                 "/v1/organisations",
                 &self.admin_key,
                 json!({
-                    "ods_code": ods, "name": name, "kind": kind, "region": "BSOL",
+                    "ods_code": ods, "name": name, "kind": kind, "region": region,
                     "office_phone": "0121 303 1888", "emergency_duty_phone": "0121 675 4806",
                     "email": format!("safeguarding@{}.example.org", ods.to_lowercase()),
                 }),

@@ -8,6 +8,7 @@ mod auth;
 mod errors;
 mod flag_checks;
 mod health;
+mod identity;
 mod logs;
 mod organisations;
 mod plans;

@@ -1,0 +1,3 @@
+DROP TABLE attendances;
+DROP TABLE person_identifiers;
+DROP TABLE persons;

@@ -1,0 +1,223 @@
+//! `POST /v1/attendances`: a care setting reports that a patient arrived. The attendance is stored (once per
+//! setting and attendance id), resolved through the MPI and matched to active plans. When the MPI cannot be
+//! asked, the attendance is still accepted, answered as `pending`, and matched again by the `rematch` job.
+
+use super::flag_checks::{own_setting, short_text};
+use super::patient::{parse_patient, PatientBody};
+use super::ApiJson;
+use crate::attendances::{self, AttendanceRow, PENDING};
+use crate::audit::{self, Event};
+use crate::auth::{Principal, Role};
+use crate::domain::{OdsCode, SettingType};
+use crate::error::{ApiError, Validator};
+use crate::flags::{self, FlagView};
+use crate::mpi::{MpiError, Resolution};
+use crate::startup::AppState;
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Duration, NaiveDateTime};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttendanceBody {
+    attendance_id: Option<String>,
+    setting_ods: Option<String>,
+    setting_type: Option<String>,
+    arrived_at: Option<String>,
+    patient: Option<PatientBody>,
+    reason: Option<String>,
+}
+
+fn parse_arrival(s: &str, now: NaiveDateTime) -> Result<NaiveDateTime, String> {
+    let at = DateTime::parse_from_rfc3339(s.trim())
+        .map_err(|_| {
+            "must be an RFC 3339 date-time with a time zone, such as 2026-11-25T14:30:00Z"
+                .to_string()
+        })?
+        .naive_utc();
+    if at > now + Duration::minutes(5) {
+        return Err("must not be in the future".into());
+    }
+    if at < now - Duration::days(366) {
+        return Err("must be within the last year".into());
+    }
+    Ok(at)
+}
+
+fn answer(att: &AttendanceRow, resolution: Option<&Resolution>, view: &FlagView) -> Value {
+    let matched = match resolution {
+        Some(r) => flags::match_json(r),
+        None => json!({"status": PENDING, "method": null, "score": null,
+                       "detail": "the MPI could not be asked; cpis will match this attendance again"}),
+    };
+    json!({
+        "id": att.id,
+        "attendance_id": att.attendance_id,
+        "setting_ods": att.setting_ods,
+        "match": matched,
+        "flags": view.flags,
+        "notifications": [],
+    })
+}
+
+pub async fn create(
+    principal: Principal,
+    state: web::Data<AppState>,
+    body: ApiJson<AttendanceBody>,
+) -> Result<HttpResponse, ApiError> {
+    let role = principal.require(&[Role::CareSetting])?;
+    let now = state.clock.now_naive();
+    let today = state.clock.today();
+    let b = body.0;
+    let mut v = Validator::default();
+    let attendance_id = match b.attendance_id {
+        None => {
+            v.push("attendance_id", "is required");
+            None
+        }
+        Some(s) => v.check("attendance_id", short_text(64)(s)),
+    };
+    let setting_ods = match b.setting_ods {
+        None => {
+            v.push("setting_ods", "is required");
+            None
+        }
+        Some(s) => v.check("setting_ods", OdsCode::parse(&s)),
+    };
+    let setting_type = match b.setting_type {
+        None => {
+            v.push("setting_type", "is required");
+            None
+        }
+        Some(s) => v.check("setting_type", SettingType::parse(&s)),
+    };
+    let arrived_at = match b.arrived_at {
+        None => {
+            v.push("arrived_at", "is required");
+            None
+        }
+        Some(s) => v.check("arrived_at", parse_arrival(&s, now)),
+    };
+    let patient = parse_patient(&mut v, b.patient, today, principal.region.clone());
+    let reason = v.optional("reason", b.reason, short_text(500));
+    v.finish()?;
+    let setting_ods = own_setting(&principal, setting_ods)?;
+    let attendance_id = attendance_id.expect("validated");
+    let patient = patient.expect("validated");
+    let actor = principal.actor(role);
+
+    // A repeat is answered from what was stored, without asking the MPI again.
+    let (s, a) = (setting_ods.clone(), attendance_id.clone());
+    if let Some(existing) = state
+        .db
+        .run(move |conn| Ok::<_, ApiError>(AttendanceRow::find_by_source(conn, &s, &a)?))
+        .await?
+    {
+        return repeat(&state, actor, existing).await;
+    }
+
+    let resolution = match state.mpi.resolve(&patient).await {
+        Ok(r) => Some(r),
+        Err(MpiError::Unavailable(why)) => {
+            tracing::warn!(reason = %why, "MPI unavailable; attendance stored for re-matching");
+            None
+        }
+    };
+    let d = patient.demographics.clone().unwrap_or_default();
+    let mut att = AttendanceRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        setting_ods,
+        attendance_id,
+        setting_type: setting_type.expect("validated").as_str().to_string(),
+        arrived_at: arrived_at.expect("validated"),
+        reason,
+        nhs_number: patient.nhs_number.as_ref().map(|n| n.as_str().to_string()),
+        identifier_system: patient.identifier.as_ref().map(|i| i.system.clone()),
+        identifier_value: patient.identifier.as_ref().map(|i| i.value.clone()),
+        given_name: d.given_name.as_ref().map(|n| n.as_str().to_string()),
+        family_name: d.family_name.as_ref().map(|n| n.as_str().to_string()),
+        birth_date: d.birth_date,
+        sex: d.sex.map(|s| s.as_str().to_string()),
+        postcode: d.postcode.as_ref().map(|p| p.as_str().to_string()),
+        region: patient.region.clone(),
+        match_status: PENDING.into(),
+        match_method: None,
+        match_score: None,
+        person_id: None,
+        resolved_nhs_number: None,
+        flagged: false,
+        rematch_attempts: 0,
+        key_id: Some(principal.key_id.clone()),
+        created_at: now,
+        updated_at: now,
+    };
+    let stored = state
+        .db
+        .write(move |conn| {
+            // Two copies of one attendance racing: the second finds the first here (or hits the unique index).
+            if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
+                return Ok::<_, ApiError>(Err(existing));
+            }
+            let view = match &resolution {
+                Some(r) => attendances::apply_resolution(conn, now, today, &mut att, r)?,
+                None => FlagView::default(),
+            };
+            attendances::insert(conn, &att)?;
+            let outcome = match (&resolution, view.hit) {
+                (None, _) => PENDING,
+                (Some(_), true) => "flagged",
+                (Some(r), false) => r.status.as_str(),
+            };
+            audit::append(conn, now, &actor, Event {
+                action: "attendance.create",
+                nhs_number: att.resolved_nhs_number.as_deref().or(att.nhs_number.as_deref()),
+                subject: Some(&att.id),
+                outcome,
+                detail: Some(json!({"setting_ods": att.setting_ods, "setting_type": att.setting_type, "method": att.match_method}).to_string()),
+            })?;
+            Ok(Ok(answer(&att, resolution.as_ref(), &view)))
+        })
+        .await?;
+    match stored {
+        Ok(json) => Ok(HttpResponse::Created().json(json)),
+        Err(existing) => repeat(&state, principal.actor(role), existing).await,
+    }
+}
+
+/// The answer to an attendance already stored: its match as recorded, flags as they stand now.
+async fn repeat(
+    state: &AppState,
+    actor: audit::Actor,
+    existing: AttendanceRow,
+) -> Result<HttpResponse, ApiError> {
+    let now = state.clock.now_naive();
+    let today = state.clock.today();
+    let json = state
+        .db
+        .write(move |conn| {
+            let resolution = existing.resolution();
+            let view = match &resolution {
+                Some(r) => flags::view(conn, r, today, existing.setting())?,
+                None => FlagView::default(),
+            };
+            audit::append(
+                conn,
+                now,
+                &actor,
+                Event {
+                    action: "attendance.create",
+                    nhs_number: existing
+                        .resolved_nhs_number
+                        .as_deref()
+                        .or(existing.nhs_number.as_deref()),
+                    subject: Some(&existing.id),
+                    outcome: "repeat",
+                    ..Default::default()
+                },
+            )?;
+            Ok::<_, ApiError>(answer(&existing, resolution.as_ref(), &view))
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(json))
+}

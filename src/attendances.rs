@@ -1,0 +1,289 @@
+//! Attendances at unscheduled-care settings: stored as reported (idempotent on the setting and its own id),
+//! matched through the MPI to flagged persons, and matched again later when the MPI was unavailable. A matched
+//! attendance of a flagged child is recorded as an access that the next clinician sees.
+
+use crate::audit::{self, Actor, Event};
+use crate::db::models::AccessRow;
+use crate::db::schema::attendances;
+use crate::db::DbConnection;
+use crate::domain::{Demographics, NhsNumber, PersonName, Postcode, SettingType, Sex};
+use crate::flags::{self, FlagView};
+use crate::mpi::builtin;
+use crate::mpi::{LocalIdentifier, MatchStatus, PatientQuery, Resolution};
+use crate::startup::AppState;
+use chrono::{NaiveDate, NaiveDateTime};
+use diesel::prelude::*;
+use diesel::result::Error;
+use serde_json::json;
+
+/// `match_status` of an attendance whose MPI lookup failed and is to be tried again.
+pub const PENDING: &str = "pending";
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = attendances, treat_none_as_null = true)]
+pub struct AttendanceRow {
+    pub id: String,
+    pub setting_ods: String,
+    pub attendance_id: String,
+    pub setting_type: String,
+    pub arrived_at: NaiveDateTime,
+    pub reason: Option<String>,
+    pub nhs_number: Option<String>,
+    pub identifier_system: Option<String>,
+    pub identifier_value: Option<String>,
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+    pub birth_date: Option<NaiveDate>,
+    pub sex: Option<String>,
+    pub postcode: Option<String>,
+    pub region: Option<String>,
+    pub match_status: String,
+    pub match_method: Option<String>,
+    pub match_score: Option<f64>,
+    pub person_id: Option<String>,
+    pub resolved_nhs_number: Option<String>,
+    pub flagged: bool,
+    pub rematch_attempts: i32,
+    pub key_id: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+impl AttendanceRow {
+    pub fn find_by_source(
+        conn: &mut DbConnection,
+        setting: &str,
+        attendance_id: &str,
+    ) -> Result<Option<Self>, Error> {
+        attendances::table
+            .filter(attendances::setting_ods.eq(setting))
+            .filter(attendances::attendance_id.eq(attendance_id))
+            .select(Self::as_select())
+            .first(conn)
+            .optional()
+    }
+
+    pub fn pending(conn: &mut DbConnection, limit: i64) -> Result<Vec<Self>, Error> {
+        attendances::table
+            .filter(attendances::match_status.eq(PENDING))
+            .order(attendances::created_at.asc())
+            .limit(limit)
+            .select(Self::as_select())
+            .load(conn)
+    }
+
+    /// The patient as the setting described them, to ask the MPI again.
+    pub fn query(&self) -> PatientQuery {
+        let demographics = Demographics {
+            given_name: self
+                .given_name
+                .as_deref()
+                .and_then(|n| PersonName::parse(n).ok()),
+            family_name: self
+                .family_name
+                .as_deref()
+                .and_then(|n| PersonName::parse(n).ok()),
+            birth_date: self.birth_date,
+            sex: self.sex.as_deref().and_then(|s| Sex::parse(s).ok()),
+            postcode: self
+                .postcode
+                .as_deref()
+                .and_then(|p| Postcode::parse(p).ok()),
+        };
+        let has_demographics = demographics != Demographics::default();
+        PatientQuery {
+            nhs_number: self
+                .nhs_number
+                .as_deref()
+                .and_then(|n| NhsNumber::parse(n).ok()),
+            identifier: match (&self.identifier_system, &self.identifier_value) {
+                (Some(system), Some(value)) => Some(LocalIdentifier {
+                    system: system.clone(),
+                    value: value.clone(),
+                }),
+                _ => None,
+            },
+            demographics: has_demographics.then_some(demographics),
+            region: self.region.clone(),
+        }
+    }
+
+    pub fn setting(&self) -> Option<SettingType> {
+        SettingType::parse(&self.setting_type).ok()
+    }
+
+    /// The resolution as stored, for answering a repeat.
+    pub fn resolution(&self) -> Option<Resolution> {
+        let status = match self.match_status.as_str() {
+            "matched" => MatchStatus::Matched,
+            "possible" => MatchStatus::Possible,
+            "none" => MatchStatus::None,
+            _ => return None,
+        };
+        let method = match self.match_method.as_deref() {
+            Some("nhs_number") => crate::mpi::Method::NhsNumber,
+            Some("identifier") => crate::mpi::Method::Identifier,
+            _ => crate::mpi::Method::Demographics,
+        };
+        Some(Resolution {
+            status,
+            method,
+            score: self.match_score.unwrap_or(0.0),
+            nhs_number: self.resolved_nhs_number.clone(),
+            person_id: self.person_id.clone(),
+            candidates: Vec::new(),
+            note: None,
+        })
+    }
+}
+
+/// Applies a resolution to a stored (or about to be stored) attendance: the match fields, the flagged access,
+/// and what the MPI learns from it. Answers what the setting is told.
+pub fn apply_resolution(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    today: NaiveDate,
+    att: &mut AttendanceRow,
+    resolution: &Resolution,
+) -> Result<FlagView, Error> {
+    att.match_status = resolution.status.as_str().to_string();
+    att.match_method = Some(resolution.method.as_str().to_string());
+    att.match_score = Some(resolution.score);
+    att.person_id = resolution.person_id.clone();
+    att.resolved_nhs_number = resolution.nhs_number.clone();
+    att.updated_at = now;
+    let view = flags::view(conn, resolution, today, att.setting())?;
+    att.flagged = view.hit;
+    if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
+        AccessRow::insert(
+            conn,
+            &AccessRow {
+                id: uuid::Uuid::new_v4().to_string(),
+                nhs_number: nhs.clone(),
+                at: att.arrived_at,
+                setting_ods: att.setting_ods.clone(),
+                setting_type: Some(att.setting_type.clone()),
+                kind: "attendance".into(),
+                access: "unscheduled".into(),
+                practitioner_name: None,
+                practitioner_role: None,
+                key_id: att.key_id.clone(),
+            },
+        )?;
+    }
+    learn(conn, now, att, resolution)?;
+    Ok(view)
+}
+
+/// Feeds the built-in MPI: a setting that knows both the NHS number and its own identifier for a patient links
+/// them; a confident demographic match links the identifier to the matched person. Possible matches never link.
+fn learn(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    att: &mut AttendanceRow,
+    resolution: &Resolution,
+) -> Result<(), Error> {
+    let query = att.query();
+    let (Some(identifier), Some(region)) = (&query.identifier, &att.region) else {
+        return Ok(());
+    };
+    let person_id = match (&query.nhs_number, resolution.status) {
+        (Some(nhs), _) => Some(builtin::upsert_person(
+            conn,
+            now,
+            Some(nhs.as_str()),
+            &query.demographics.clone().unwrap_or_default(),
+        )?),
+        (None, MatchStatus::Matched) => resolution.person_id.clone(),
+        _ => None,
+    };
+    if let Some(person_id) = person_id {
+        builtin::link_identifier(conn, now, region, identifier, &person_id)?;
+        att.person_id = Some(person_id);
+    }
+    Ok(())
+}
+
+pub fn update(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error> {
+    diesel::update(attendances::table.find(&att.id))
+        .set(att)
+        .execute(conn)
+        .map(|_| ())
+}
+
+pub fn insert(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error> {
+    diesel::insert_into(attendances::table)
+        .values(att)
+        .execute(conn)
+        .map(|_| ())
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RematchReport {
+    pub checked: usize,
+    pub resolved: usize,
+    pub flagged: usize,
+    pub still_pending: usize,
+}
+
+/// The `rematch` job: asks the MPI again about attendances it could not resolve when they arrived.
+pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchReport> {
+    let pending = state
+        .db
+        .run(move |conn| Ok::<_, crate::db::DbError>(AttendanceRow::pending(conn, batch)?))
+        .await?;
+    let mut report = RematchReport {
+        checked: pending.len(),
+        ..Default::default()
+    };
+    for mut att in pending {
+        match state.mpi.resolve(&att.query()).await {
+            Err(e) => {
+                tracing::warn!(attendance = %att.id, error = %e, "MPI still unavailable; attendance stays pending");
+                let now = state.clock.now_naive();
+                att.rematch_attempts += 1;
+                att.updated_at = now;
+                state
+                    .db
+                    .write(move |conn| Ok::<_, crate::db::DbError>(update(conn, &att)?))
+                    .await?;
+                report.still_pending += 1;
+            }
+            Ok(resolution) => {
+                let now = state.clock.now_naive();
+                let today = state.clock.today();
+                let actor = Actor {
+                    org: "cpis".into(),
+                    role: Some("job:rematch".into()),
+                    ..Default::default()
+                };
+                let flagged = state
+                    .db
+                    .write(move |conn| {
+                        let view = apply_resolution(conn, now, today, &mut att, &resolution)?;
+                        att.rematch_attempts += 1;
+                        update(conn, &att)?;
+                        audit::append(conn, now, &actor, Event {
+                            action: "attendance.rematch",
+                            nhs_number: att.resolved_nhs_number.as_deref(),
+                            subject: Some(&att.id),
+                            outcome: if view.hit { "flagged" } else { att.match_status.as_str() },
+                            detail: Some(json!({"setting_ods": att.setting_ods, "method": att.match_method}).to_string()),
+                        })?;
+                        Ok::<_, crate::db::DbError>(view.hit)
+                    })
+                    .await?;
+                report.resolved += 1;
+                report.flagged += usize::from(flagged);
+            }
+        }
+    }
+    tracing::info!(
+        checked = report.checked,
+        resolved = report.resolved,
+        flagged = report.flagged,
+        still_pending = report.still_pending,
+        "rematch finished"
+    );
+    Ok(report)
+}

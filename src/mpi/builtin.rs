@@ -1,0 +1,371 @@
+//! The built-in MPI: persons and their per-region identifier links in cpis's own database, resolved by NHS
+//! number, then a linked local identifier, then demographics. Demographic lookups read only the persons that
+//! share a blocking key with the query (birth date or its day-month swap, name codes either way round, postcode
+//! and birth year), each capped, so a lookup touches a few hundred rows however many persons there are.
+
+use super::matcher::{self, Record};
+use super::{
+    Candidate, LocalIdentifier, MatchStatus, Method, Mpi, MpiError, PatientQuery, Resolution,
+    Thresholds,
+};
+use crate::db::schema::{person_identifiers, persons};
+use crate::db::{Db, DbConnection, DbError};
+use crate::domain::Demographics;
+use chrono::{NaiveDate, NaiveDateTime};
+use diesel::prelude::*;
+use diesel::result::Error;
+
+/// How many persons one blocking key may bring in; a key shared by more is too common to be useful alone.
+const PER_KEY_LIMIT: i64 = 200;
+/// How many scored candidates a resolution reports.
+const REPORTED_CANDIDATES: usize = 5;
+/// Candidates scoring below this are not worth reporting.
+const REPORT_FLOOR: f64 = 0.3;
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = persons, treat_none_as_null = true)]
+pub struct PersonRow {
+    pub id: String,
+    pub nhs_number: Option<String>,
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+    pub birth_date: Option<NaiveDate>,
+    pub sex: Option<String>,
+    pub postcode: Option<String>,
+    pub name_key: Option<String>,
+    pub postcode_key: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+impl PersonRow {
+    fn record(&self) -> Record<'_> {
+        Record {
+            nhs_number: self.nhs_number.as_deref(),
+            given_name: self.given_name.as_deref(),
+            family_name: self.family_name.as_deref(),
+            birth_date: self.birth_date,
+            sex: self.sex.as_deref(),
+            postcode: self.postcode.as_deref(),
+        }
+    }
+
+    /// Recomputes the blocking keys after the demographics change.
+    fn rekey(&mut self) {
+        self.name_key = match (&self.given_name, &self.family_name) {
+            (Some(g), Some(f)) => matcher::name_key(g, f),
+            _ => None,
+        };
+        self.postcode_key = match (&self.postcode, self.birth_date) {
+            (Some(p), Some(d)) => Some(matcher::postcode_key(p, d)),
+            _ => None,
+        };
+    }
+
+    pub fn find_by_nhs(conn: &mut DbConnection, nhs: &str) -> Result<Option<Self>, Error> {
+        persons::table
+            .filter(persons::nhs_number.eq(nhs))
+            .select(Self::as_select())
+            .first(conn)
+            .optional()
+    }
+
+    pub fn find(conn: &mut DbConnection, id: &str) -> Result<Option<Self>, Error> {
+        persons::table
+            .find(id)
+            .select(Self::as_select())
+            .first(conn)
+            .optional()
+    }
+}
+
+pub struct BuiltinMpi {
+    db: Db,
+    thresholds: Thresholds,
+}
+
+impl BuiltinMpi {
+    pub fn new(db: Db, thresholds: Thresholds) -> Self {
+        Self { db, thresholds }
+    }
+}
+
+impl From<DbError> for MpiError {
+    fn from(e: DbError) -> Self {
+        MpiError::Unavailable(format!("built-in MPI: {e}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl Mpi for BuiltinMpi {
+    async fn resolve(&self, query: &PatientQuery) -> Result<Resolution, MpiError> {
+        let query = query.clone();
+        let thresholds = self.thresholds;
+        self.db
+            .run(move |conn| {
+                resolve(conn, &query, thresholds).map_err(|e| MpiError::from(DbError::Query(e)))
+            })
+            .await
+    }
+}
+
+/// NHS number, then linked identifier, then demographics; the first that finds someone wins.
+pub fn resolve(
+    conn: &mut DbConnection,
+    query: &PatientQuery,
+    thresholds: Thresholds,
+) -> Result<Resolution, Error> {
+    if let Some(nhs) = &query.nhs_number {
+        if let Some(p) = PersonRow::find_by_nhs(conn, nhs.as_str())? {
+            return Ok(Resolution::matched(
+                Method::NhsNumber,
+                p.nhs_number,
+                Some(p.id),
+            ));
+        }
+    }
+    if let Some(identifier) = &query.identifier {
+        if let Some(p) = find_by_identifier(conn, identifier)? {
+            return Ok(Resolution::matched(
+                Method::Identifier,
+                p.nhs_number,
+                Some(p.id),
+            ));
+        }
+    }
+    if let Some(demographics) = &query.demographics {
+        if can_match(demographics) {
+            return Ok(Resolution::from_candidates(
+                score_candidates(conn, &query.record())?,
+                thresholds,
+            ));
+        }
+    }
+    Ok(Resolution::none(
+        if query.identifier.is_some() && query.nhs_number.is_none() {
+            Method::Identifier
+        } else if query.nhs_number.is_some() {
+            Method::NhsNumber
+        } else {
+            Method::Demographics
+        },
+    ))
+}
+
+/// Demographic matching needs a birth date and a name; less than that cannot tell children apart.
+pub fn can_match(d: &Demographics) -> bool {
+    d.birth_date.is_some() && (d.family_name.is_some() || d.given_name.is_some())
+}
+
+pub fn find_by_identifier(
+    conn: &mut DbConnection,
+    id: &LocalIdentifier,
+) -> Result<Option<PersonRow>, Error> {
+    persons::table
+        .inner_join(person_identifiers::table)
+        .filter(person_identifiers::system.eq(&id.system))
+        .filter(person_identifiers::value.eq(&id.value))
+        .select(PersonRow::as_select())
+        .first(conn)
+        .optional()
+}
+
+/// The persons sharing a blocking key with the record, scored, best first.
+pub fn score_candidates(conn: &mut DbConnection, record: &Record) -> Result<Vec<Candidate>, Error> {
+    let mut found: Vec<PersonRow> = Vec::new();
+    let mut add = |rows: Vec<PersonRow>| {
+        for r in rows {
+            if !found.iter().any(|f| f.id == r.id) {
+                found.push(r);
+            }
+        }
+    };
+    if let Some(dob) = record.birth_date {
+        let mut dates = vec![dob];
+        dates.extend(matcher::swapped(dob));
+        add(persons::table
+            .filter(persons::birth_date.eq_any(dates))
+            .limit(PER_KEY_LIMIT)
+            .select(PersonRow::as_select())
+            .load(conn)?);
+        if let Some(pc) = record.postcode {
+            let key = matcher::postcode_key(pc, dob);
+            add(persons::table
+                .filter(persons::postcode_key.eq(key))
+                .limit(PER_KEY_LIMIT)
+                .select(PersonRow::as_select())
+                .load(conn)?);
+        }
+    }
+    if let (Some(g), Some(f)) = (record.given_name, record.family_name) {
+        let keys: Vec<String> = [matcher::name_key(g, f), matcher::name_key(f, g)]
+            .into_iter()
+            .flatten()
+            .collect();
+        add(persons::table
+            .filter(persons::name_key.eq_any(keys))
+            .limit(PER_KEY_LIMIT)
+            .select(PersonRow::as_select())
+            .load(conn)?);
+    }
+    let mut scored: Vec<Candidate> = found
+        .iter()
+        .map(|p| {
+            let s = matcher::score(record, &p.record());
+            Candidate {
+                person_id: Some(p.id.clone()),
+                nhs_number: p.nhs_number.clone(),
+                status: MatchStatus::None,
+                score: s.score,
+                parts: s.parts,
+            }
+        })
+        .filter(|c| c.score >= REPORT_FLOOR)
+        .collect();
+    scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+    scored.truncate(REPORTED_CANDIDATES);
+    Ok(scored)
+}
+
+fn apply_demographics(row: &mut PersonRow, d: &Demographics) {
+    if let Some(g) = &d.given_name {
+        row.given_name = Some(g.as_str().to_string());
+    }
+    if let Some(f) = &d.family_name {
+        row.family_name = Some(f.as_str().to_string());
+    }
+    if let Some(b) = d.birth_date {
+        row.birth_date = Some(b);
+    }
+    if let Some(s) = d.sex {
+        row.sex = Some(s.as_str().to_string());
+    }
+    if let Some(p) = &d.postcode {
+        row.postcode = Some(p.as_str().to_string());
+    }
+    row.rekey();
+}
+
+/// Finds or makes the person for an NHS number (or a new person without one), taking any demographics given
+/// as the newest known. Answers the person's id.
+pub fn upsert_person(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    nhs: Option<&str>,
+    d: &Demographics,
+) -> Result<String, Error> {
+    if let Some(nhs) = nhs {
+        if let Some(mut row) = PersonRow::find_by_nhs(conn, nhs)? {
+            let before = (
+                row.given_name.clone(),
+                row.family_name.clone(),
+                row.birth_date,
+                row.sex.clone(),
+                row.postcode.clone(),
+            );
+            apply_demographics(&mut row, d);
+            if before
+                != (
+                    row.given_name.clone(),
+                    row.family_name.clone(),
+                    row.birth_date,
+                    row.sex.clone(),
+                    row.postcode.clone(),
+                )
+            {
+                row.updated_at = now;
+                diesel::update(persons::table.find(&row.id))
+                    .set(&row)
+                    .execute(conn)?;
+            }
+            return Ok(row.id);
+        }
+    }
+    let mut row = PersonRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        nhs_number: nhs.map(str::to_string),
+        given_name: None,
+        family_name: None,
+        birth_date: None,
+        sex: None,
+        postcode: None,
+        name_key: None,
+        postcode_key: None,
+        created_at: now,
+        updated_at: now,
+    };
+    apply_demographics(&mut row, d);
+    diesel::insert_into(persons::table)
+        .values(&row)
+        .execute(conn)?;
+    Ok(row.id)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linked {
+    Created,
+    Unchanged,
+    /// The identifier pointed at someone else before; the feed is authoritative for its own region.
+    Moved,
+}
+
+impl Linked {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Linked::Created => "created",
+            Linked::Unchanged => "unchanged",
+            Linked::Moved => "moved",
+        }
+    }
+}
+
+pub fn link_identifier(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    region: &str,
+    id: &LocalIdentifier,
+    person_id: &str,
+) -> Result<Linked, Error> {
+    let existing: Option<String> = person_identifiers::table
+        .find((&id.system, &id.value))
+        .select(person_identifiers::person_id)
+        .first(conn)
+        .optional()?;
+    match existing {
+        None => {
+            diesel::insert_into(person_identifiers::table)
+                .values((
+                    person_identifiers::system.eq(&id.system),
+                    person_identifiers::value.eq(&id.value),
+                    person_identifiers::region.eq(region),
+                    person_identifiers::person_id.eq(person_id),
+                    person_identifiers::created_at.eq(now),
+                    person_identifiers::updated_at.eq(now),
+                ))
+                .execute(conn)?;
+            Ok(Linked::Created)
+        }
+        Some(current) if current == person_id => Ok(Linked::Unchanged),
+        Some(_) => {
+            diesel::update(person_identifiers::table.find((&id.system, &id.value)))
+                .set((
+                    person_identifiers::person_id.eq(person_id),
+                    person_identifiers::region.eq(region),
+                    person_identifiers::updated_at.eq(now),
+                ))
+                .execute(conn)?;
+            Ok(Linked::Moved)
+        }
+    }
+}
+
+/// Bulk insert for benchmarks and the evaluation tool: persons with their keys computed, no audit.
+pub fn insert_persons(conn: &mut DbConnection, rows: &mut [PersonRow]) -> Result<(), Error> {
+    for r in rows.iter_mut() {
+        r.rekey();
+    }
+    for chunk in rows.chunks(500) {
+        crate::db::insert_persons(conn, chunk)?;
+    }
+    Ok(())
+}
