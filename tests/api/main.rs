@@ -10,5 +10,6 @@ mod flag_checks;
 mod health;
 mod identity;
 mod logs;
+mod mpi_external;
 mod organisations;
 mod plans;
