@@ -46,6 +46,7 @@ pub mod w {
     pub const GIVEN_EXACT: f64 = 7.0;
     pub const GIVEN_NICKNAME: f64 = 5.5;
     pub const GIVEN_CLOSE: f64 = 5.0;
+    pub const GIVEN_SOUNDS_ALIKE: f64 = 0.5;
     pub const GIVEN_PARTIAL: f64 = 2.0;
     pub const GIVEN_DISAGREE: f64 = -5.0;
     pub const NAMES_SWAPPED_PENALTY: f64 = -1.0;
@@ -139,6 +140,7 @@ enum NameLevel {
     Exact,
     Nickname,
     Close,
+    SoundsAlike,
     Partial,
     Disagree,
 }
@@ -155,8 +157,12 @@ fn compare_names(a: &str, b: &str, given: bool) -> NameLevel {
     if given && nicknames::root(&ta[0]) == nicknames::root(&tb[0]) {
         return NameLevel::Nickname;
     }
-    if strsim::jaro_winkler(&na, &nb) >= 0.93 || phonetic_equal(&na, &nb) {
+    if strsim::jaro_winkler(&na, &nb) >= 0.93 {
         return NameLevel::Close;
+    }
+    // Short names that only sound alike (Ella and Ellie, Eliza and Elsie) are as often siblings as typos.
+    if phonetic_equal(&na, &nb) {
+        return NameLevel::SoundsAlike;
     }
     // Double-barrelled or several given names: one shared token, or an initial against a name.
     let shares_token = ta.iter().any(|t| t.len() > 1 && tb.contains(t));
@@ -170,7 +176,9 @@ fn compare_names(a: &str, b: &str, given: bool) -> NameLevel {
 fn family_part(level: NameLevel) -> Part {
     let (agreement, weight) = match level {
         NameLevel::Exact => ("exact", w::FAMILY_EXACT),
-        NameLevel::Nickname | NameLevel::Close => ("similar", w::FAMILY_CLOSE),
+        NameLevel::Nickname | NameLevel::Close | NameLevel::SoundsAlike => {
+            ("similar", w::FAMILY_CLOSE)
+        }
         NameLevel::Partial => ("partial", w::FAMILY_PARTIAL),
         NameLevel::Disagree => ("different", w::FAMILY_DISAGREE),
     };
@@ -186,6 +194,7 @@ fn given_part(level: NameLevel) -> Part {
         NameLevel::Exact => ("exact", w::GIVEN_EXACT),
         NameLevel::Nickname => ("nickname", w::GIVEN_NICKNAME),
         NameLevel::Close => ("similar", w::GIVEN_CLOSE),
+        NameLevel::SoundsAlike => ("sounds_alike", w::GIVEN_SOUNDS_ALIKE),
         NameLevel::Partial => ("partial", w::GIVEN_PARTIAL),
         NameLevel::Disagree => ("different", w::GIVEN_DISAGREE),
     };

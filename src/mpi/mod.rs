@@ -7,6 +7,7 @@ pub mod builtin;
 pub mod external;
 pub mod matcher;
 mod nicknames;
+pub mod synthetic;
 
 use crate::domain::{Demographics, NhsNumber};
 use serde::Serialize;
