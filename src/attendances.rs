@@ -10,6 +10,7 @@ use crate::domain::{Demographics, NhsNumber, PersonName, Postcode, SettingType, 
 use crate::flags::{self, FlagView};
 use crate::mpi::builtin;
 use crate::mpi::{LocalIdentifier, MatchStatus, PatientQuery, Resolution};
+use crate::notify;
 use crate::startup::AppState;
 use chrono::{NaiveDate, NaiveDateTime};
 use diesel::prelude::*;
@@ -139,13 +140,43 @@ impl AttendanceRow {
 
 /// Applies a resolution to a stored (or about to be stored) attendance: the match fields, the flagged access,
 /// and what the MPI learns from it. Answers what the setting is told.
+/// Where notifications go and what they may say.
+pub struct NotifyContext<'a> {
+    pub delivery: &'a crate::config::DeliverySettings,
+    pub public_base_url: &'a str,
+}
+
+impl<'a> NotifyContext<'a> {
+    pub fn of(state: &'a AppState) -> Self {
+        NotifyContext {
+            delivery: &state.settings.delivery,
+            public_base_url: &state.settings.server.public_base_url,
+        }
+    }
+}
+
+/// Initials of the child a plan names, the most of a name a notification carries.
+pub fn initials(plans: &[crate::db::models::PlanRow]) -> Option<String> {
+    plans
+        .iter()
+        .find_map(|p| match (&p.given_name, &p.family_name) {
+            (Some(g), Some(f)) => Some(format!(
+                "{}.{}.",
+                g.chars().next()?.to_uppercase(),
+                f.chars().next()?.to_uppercase()
+            )),
+            _ => None,
+        })
+}
+
 pub fn apply_resolution(
     conn: &mut DbConnection,
     now: NaiveDateTime,
     today: NaiveDate,
     att: &mut AttendanceRow,
     resolution: &Resolution,
-) -> Result<FlagView, Error> {
+    notify: &NotifyContext,
+) -> Result<(FlagView, Vec<String>), Error> {
     att.match_status = resolution.status.as_str().to_string();
     att.match_method = Some(resolution.method.as_str().to_string());
     att.match_score = Some(resolution.score);
@@ -172,7 +203,33 @@ pub fn apply_resolution(
         )?;
     }
     learn(conn, now, att, resolution)?;
-    Ok(view)
+    // A flagged attendance is told to each responsible authority; a possible match too, marked for review.
+    let mut notifications = Vec::new();
+    let possible = resolution.status == MatchStatus::Possible && !view.active_plans.is_empty();
+    if let (true, Some(nhs)) = (view.hit || possible, &view.nhs_number) {
+        let setting_name =
+            crate::db::models::Organisation::find(conn, &att.setting_ods)?.map(|o| o.name);
+        notifications = notify::enqueue(
+            conn,
+            now,
+            notify.delivery,
+            notify.public_base_url,
+            &view.active_plans,
+            &notify::Occurrence {
+                event: notify::ATTENDANCE_FLAGGED,
+                nhs_number: nhs,
+                initials: initials(&view.active_plans),
+                setting_ods: &att.setting_ods,
+                setting_name: setting_name.as_deref(),
+                setting_type: att.setting(),
+                occurred_at: att.arrived_at,
+                attendance_ref: Some(&att.id),
+                review: possible,
+                match_method: resolution.method.as_str(),
+            },
+        )?;
+    }
+    Ok((view, notifications))
 }
 
 /// Feeds the built-in MPI: a setting that knows both the NHS number and its own identifier for a patient links
@@ -257,10 +314,13 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
                     role: Some("job:rematch".into()),
                     ..Default::default()
                 };
-                let flagged = state
+                let delivery = state.settings.delivery.clone();
+                let base = state.settings.server.public_base_url.clone();
+                let (flagged, notified) = state
                     .db
                     .write(move |conn| {
-                        let view = apply_resolution(conn, now, today, &mut att, &resolution)?;
+                        let ctx = NotifyContext { delivery: &delivery, public_base_url: &base };
+                        let (view, notified) = apply_resolution(conn, now, today, &mut att, &resolution, &ctx)?;
                         att.rematch_attempts += 1;
                         update(conn, &att)?;
                         audit::append(conn, now, &actor, Event {
@@ -270,9 +330,12 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
                             outcome: if view.hit { "flagged" } else { att.match_status.as_str() },
                             detail: Some(json!({"setting_ods": att.setting_ods, "method": att.match_method}).to_string()),
                         })?;
-                        Ok::<_, crate::db::DbError>(view.hit)
+                        Ok::<_, crate::db::DbError>((view.hit, !notified.is_empty()))
                     })
                     .await?;
+                if notified {
+                    state.wake_deliverer();
+                }
                 report.resolved += 1;
                 report.flagged += usize::from(flagged);
             }

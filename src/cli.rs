@@ -56,6 +56,12 @@ pub enum JobsCommand {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum JobName {
+    /// Deliver every due notification.
+    Deliver,
+    /// Record the plans whose end date has passed.
+    Expire,
+    /// Delete personal data past its delete date.
+    Purge,
     /// Match again the attendances whose MPI lookup failed.
     Rematch,
 }
@@ -130,12 +136,13 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Serve => Application::build(settings)?.run_until_stopped().await?,
         Command::Jobs(JobsCommand::Run { name }) => {
             let state = AppState::new(settings, Arc::new(SystemClock))?;
-            match name {
-                JobName::Rematch => {
-                    let report = crate::attendances::rematch(&state, 1000).await?;
-                    println!("{}", serde_json::to_string(&report)?);
-                }
-            }
+            let name = match name {
+                JobName::Deliver => "deliver",
+                JobName::Expire => "expire",
+                JobName::Purge => "purge",
+                JobName::Rematch => "rematch",
+            };
+            println!("{}", crate::jobs::run_now(&state, name).await?);
         }
         other => tokio::task::spawn_blocking(move || run_blocking(other, settings)).await??,
     }

@@ -34,6 +34,14 @@ pub struct Settings {
     pub audit: AuditSettings,
     #[serde(default)]
     pub mpi: MpiSettings,
+    #[serde(default)]
+    pub mail: MailSettings,
+    #[serde(default)]
+    pub webhook: WebhookSettings,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+    #[serde(default)]
+    pub jobs: JobSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,6 +179,198 @@ fn default_mpi_cache_secs() -> u64 {
     60
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailTls {
+    /// Plain connection upgraded with STARTTLS, which must succeed.
+    Starttls,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Tls,
+    /// No TLS: only with `allow_insecure = true`, for local development.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailSettings {
+    /// SMTP relay; empty disables email delivery (notifications stay recorded).
+    pub host: String,
+    pub port: u16,
+    pub tls: MailTls,
+    pub allow_insecure: bool,
+    /// PEM file of an extra trusted root certificate (a private CA).
+    pub ca_cert: Option<std::path::PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
+    pub from: String,
+    /// Told when a notification cannot be delivered, and daily about authorities with no delivery endpoint.
+    pub fallback_address: Option<String>,
+    /// Whether notification emails carry the child's NHS number (initials are always the most a name shows).
+    pub include_identifiers: bool,
+    /// Seconds to wait for the SMTP server.
+    pub timeout_secs: u64,
+}
+
+impl Default for MailSettings {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            port: 587,
+            tls: MailTls::Starttls,
+            allow_insecure: false,
+            ca_cert: None,
+            username: None,
+            password: None,
+            from: "cpis <cpis@localhost.localdomain>".into(),
+            fallback_address: None,
+            include_identifiers: true,
+            timeout_secs: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// Allow webhook targets on private, loopback and link-local addresses (SSRF guard off). Tests only.
+    pub allow_private_targets: bool,
+    /// Allow `http://` webhook URLs. Tests only.
+    pub allow_http: bool,
+    pub timeout_secs: u64,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            allow_private_targets: false,
+            allow_http: false,
+            timeout_secs: 10,
+        }
+    }
+}
+
+/// What a notification from a sensitive setting (`SARC`, `SEXUAL_HEALTH`, `TOP`) may say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SensitivePolicy {
+    Notify,
+    NotifyWithoutSettingName,
+    DoNotNotify,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    /// Delay before each attempt: the first is (close to) immediate; after the last the notification is dead.
+    pub retry_schedule: Vec<String>,
+    /// How long a claimed delivery stays with one instance before another may take it over, seconds.
+    pub lease_secs: u64,
+    /// How many deliveries one `deliver` tick claims.
+    pub batch_size: i64,
+    /// How many deliveries are in flight at once.
+    pub concurrency: usize,
+    /// A check and an attendance of one person at one setting within this many hours make one notification.
+    pub visit_window_hours: i64,
+    pub sensitive_settings: SensitivePolicy,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            retry_schedule: [
+                "0s", "5s", "5m", "30m", "2h", "5h", "10h", "14h", "20h", "24h",
+            ]
+            .map(String::from)
+            .to_vec(),
+            lease_secs: 60,
+            batch_size: 200,
+            concurrency: 64,
+            visit_window_hours: 24,
+            sensitive_settings: SensitivePolicy::NotifyWithoutSettingName,
+        }
+    }
+}
+
+impl DeliverySettings {
+    pub fn schedule(&self) -> Result<Vec<std::time::Duration>, ConfigError> {
+        self.retry_schedule
+            .iter()
+            .map(|s| {
+                parse_duration(s)
+                    .map_err(|e| invalid("delivery.retry_schedule", format!("`{s}`: {e}")))
+            })
+            .collect()
+    }
+}
+
+/// `500ms`, `5s`, `5m`, `2h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or("needs a unit: ms, s, m, h or d")?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| "must start with a whole number".to_string())?;
+    let secs = match unit {
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err("unit must be ms, s, m, h or d".into()),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+/// Cron expressions (with a seconds field) for the scheduled jobs; an empty string disables a job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobSettings {
+    pub deliver: String,
+    pub expire: String,
+    pub purge: String,
+    pub rematch: String,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        Self {
+            deliver: "*/2 * * * * *".into(),
+            expire: "0 5 0 * * *".into(),
+            purge: "0 30 1 * * *".into(),
+            rematch: "0 */5 * * * *".into(),
+        }
+    }
+}
+
+impl JobSettings {
+    /// The parsed schedule of each enabled job, or an error naming the bad key.
+    pub fn schedules(&self) -> Result<Vec<(&'static str, cron::Schedule)>, ConfigError> {
+        use std::str::FromStr;
+        let mut out = Vec::new();
+        for (name, key, expr) in [
+            ("deliver", "jobs.deliver", &self.deliver),
+            ("expire", "jobs.expire", &self.expire),
+            ("purge", "jobs.purge", &self.purge),
+            ("rematch", "jobs.rematch", &self.rematch),
+        ] {
+            if expr.trim().is_empty() {
+                continue;
+            }
+            let schedule = cron::Schedule::from_str(expr).map_err(|e| {
+                invalid(
+                    key,
+                    format!("`{expr}` is not a cron expression with a seconds field: {e}"),
+                )
+            })?;
+            out.push((name, schedule));
+        }
+        Ok(out)
+    }
+}
+
 /// Which database the URL names, with what the driver needs to open it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseKind {
@@ -280,6 +480,50 @@ impl Settings {
                 }
             }
         }
+        self.jobs.schedules()?;
+        let schedule = self.delivery.schedule()?;
+        if schedule.is_empty() {
+            return Err(invalid(
+                "delivery.retry_schedule",
+                "needs at least one attempt",
+            ));
+        }
+        if self.delivery.batch_size < 1
+            || self.delivery.concurrency < 1
+            || self.delivery.lease_secs < 5
+        {
+            return Err(invalid(
+                "delivery.batch_size",
+                "batch_size and concurrency must be at least 1, lease_secs at least 5",
+            ));
+        }
+        if !self.mail.host.is_empty() {
+            if self.mail.tls == MailTls::None && !self.mail.allow_insecure {
+                return Err(invalid("mail.tls", "`none` sends mail in clear; set mail.allow_insecure = true to allow it (development only)"));
+            }
+            crate::domain::parse_email(
+                self.mail
+                    .from
+                    .rsplit_once('<')
+                    .map(|(_, a)| a.trim_end_matches('>'))
+                    .unwrap_or(&self.mail.from),
+            )
+            .map_err(|e| invalid("mail.from", e))?;
+            if let Some(path) = &self.mail.ca_cert {
+                if !path.exists() {
+                    return Err(invalid(
+                        "mail.ca_cert",
+                        format!("{} does not exist", path.display()),
+                    ));
+                }
+            }
+        }
+        if let Some(a) = &self.mail.fallback_address {
+            crate::domain::parse_email(a).map_err(|e| invalid("mail.fallback_address", e))?;
+        }
+        if self.webhook.timeout_secs == 0 {
+            return Err(invalid("webhook.timeout_secs", "must be at least 1"));
+        }
         if self.audit.retention_days < 365 {
             return Err(invalid("audit.retention_days", "must be at least 365 days"));
         }
@@ -294,6 +538,10 @@ impl Settings {
             log: LogSettings::default(),
             audit: AuditSettings::default(),
             mpi: MpiSettings::default(),
+            mail: MailSettings::default(),
+            webhook: WebhookSettings::default(),
+            delivery: DeliverySettings::default(),
+            jobs: JobSettings::default(),
         };
         s.database.url = SecretString::from(url.to_string());
         s
@@ -333,6 +581,40 @@ mod tests {
     fn secrets_are_not_printed_by_debug() {
         let s = Settings::for_database("postgres://cpis:hunter2@db/cpis");
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_cron_strings_and_durations_name_their_key_and_empty_disables() {
+        let mut s = Settings::for_database("sqlite://x.db");
+        s.jobs.purge = "every night".into();
+        assert!(s.validate().unwrap_err().to_string().contains("jobs.purge"));
+        s.jobs.purge = String::new();
+        assert!(s.validate().is_ok());
+        assert_eq!(s.jobs.schedules().unwrap().len(), 3);
+        s.delivery.retry_schedule = vec!["5s".into(), "5 minutes".into()];
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("delivery.retry_schedule"));
+        assert_eq!(
+            parse_duration("250ms").unwrap(),
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("2h").unwrap(),
+            std::time::Duration::from_secs(7200)
+        );
+    }
+
+    #[test]
+    fn mail_in_clear_needs_an_explicit_insecure_setting() {
+        let mut s = Settings::for_database("sqlite://x.db");
+        s.mail.host = "smtp.example.org".into();
+        s.mail.tls = MailTls::None;
+        assert!(s.validate().unwrap_err().to_string().contains("mail.tls"));
+        s.mail.allow_insecure = true;
+        assert!(s.validate().is_ok());
     }
 
     #[test]

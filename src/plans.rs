@@ -255,6 +255,7 @@ fn row_from_input(
         version,
         created_at,
         updated_at,
+        ended_at: None,
     }
 }
 
@@ -399,4 +400,53 @@ pub fn responsible(row: &PlanRow, la: Option<&Organisation>, with_email: bool) -
             .or_else(|| la.and_then(|o| o.email.clone())));
     }
     v
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct ExpireReport {
+    pub ended: usize,
+}
+
+/// The `expire` job: records, with an audit event each, the plans whose end date has passed. A plan's status is
+/// computed from its end date wherever it is shown, so nothing waits on this job to stop flagging.
+pub async fn expire(state: &crate::startup::AppState) -> anyhow::Result<ExpireReport> {
+    use crate::db::schema::plans;
+    use diesel::prelude::*;
+    let now = state.clock.now_naive();
+    let today = state.clock.today();
+    let ended = state
+        .db
+        .write(move |conn| {
+            let due: Vec<(String, String)> = plans::table
+                .filter(plans::end_date.lt(today))
+                .filter(plans::ended_at.is_null())
+                .select((plans::id, plans::nhs_number))
+                .load(conn)?;
+            let actor = Actor {
+                org: "cpis".into(),
+                role: Some("job:expire".into()),
+                ..Default::default()
+            };
+            for (id, nhs) in &due {
+                diesel::update(plans::table.find(id))
+                    .set(plans::ended_at.eq(Some(now)))
+                    .execute(conn)?;
+                audit::append(
+                    conn,
+                    now,
+                    &actor,
+                    Event {
+                        action: "plan.expire",
+                        nhs_number: Some(nhs),
+                        subject: Some(id),
+                        outcome: "ended",
+                        ..Default::default()
+                    },
+                )?;
+            }
+            Ok::<_, crate::db::DbError>(due.len())
+        })
+        .await?;
+    tracing::info!(ended, "expire finished");
+    Ok(ExpireReport { ended })
 }

@@ -17,6 +17,11 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub clock: Arc<dyn Clock>,
     pub mpi: Arc<dyn Mpi>,
+    pub outbound: crate::notify::deliver::Outbound,
+    /// Wakes the `deliver` job when a notification is written.
+    pub deliver_wakeup: Arc<tokio::sync::Notify>,
+    /// Names this process in delivery leases.
+    pub instance_id: String,
 }
 
 impl AppState {
@@ -26,12 +31,38 @@ impl AppState {
         let applied = db.migrate()?;
         tracing::info!(backend = db.backend_name(), applied, "database ready");
         let mpi = Arc::new(crate::mpi::from_settings(&settings.mpi, db.clone())?);
+        let (mailer, mail_domain): (Arc<dyn crate::notify::email::Mailer>, String) =
+            if settings.mail.host.is_empty() {
+                (
+                    Arc::new(crate::notify::email::NoMailer),
+                    "cpis.invalid".into(),
+                )
+            } else {
+                let m = crate::notify::email::SmtpMailer::new(&settings.mail)?;
+                let domain = m.domain();
+                (Arc::new(m), domain)
+            };
+        let webhooks = Arc::new(crate::notify::webhook::HttpWebhookClient::new(
+            &settings.webhook,
+        )?);
         Ok(AppState {
             db,
             settings: Arc::new(settings),
             clock,
             mpi,
+            outbound: crate::notify::deliver::Outbound {
+                mailer,
+                webhooks,
+                mail_domain,
+            },
+            deliver_wakeup: Arc::new(tokio::sync::Notify::new()),
+            instance_id: uuid::Uuid::new_v4().to_string(),
         })
+    }
+
+    /// Tells the `deliver` job there is work, without waiting for its next tick.
+    pub fn wake_deliverer(&self) {
+        self.deliver_wakeup.notify_one();
     }
 }
 
@@ -63,6 +94,7 @@ impl Application {
             n => n,
         };
         let state = web::Data::new(AppState::new(settings, clock)?);
+        crate::jobs::spawn(state.clone().into_inner())?;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

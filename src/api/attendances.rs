@@ -45,7 +45,12 @@ fn parse_arrival(s: &str, now: NaiveDateTime) -> Result<NaiveDateTime, String> {
     Ok(at)
 }
 
-fn answer(att: &AttendanceRow, resolution: Option<&Resolution>, view: &FlagView) -> Value {
+fn answer(
+    att: &AttendanceRow,
+    resolution: Option<&Resolution>,
+    view: &FlagView,
+    notifications: &[String],
+) -> Value {
     let matched = match resolution {
         Some(r) => flags::match_json(r),
         None => json!({"status": PENDING, "method": null, "score": null,
@@ -57,7 +62,7 @@ fn answer(att: &AttendanceRow, resolution: Option<&Resolution>, view: &FlagView)
         "setting_ods": att.setting_ods,
         "match": matched,
         "flags": view.flags,
-        "notifications": [],
+        "notifications": notifications,
     })
 }
 
@@ -152,6 +157,8 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
+    let delivery = state.settings.delivery.clone();
+    let base = state.settings.server.public_base_url.clone();
     let stored = state
         .db
         .write(move |conn| {
@@ -159,9 +166,10 @@ pub async fn create(
             if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
                 return Ok::<_, ApiError>(Err(existing));
             }
-            let view = match &resolution {
-                Some(r) => attendances::apply_resolution(conn, now, today, &mut att, r)?,
-                None => FlagView::default(),
+            let ctx = attendances::NotifyContext { delivery: &delivery, public_base_url: &base };
+            let (view, notified) = match &resolution {
+                Some(r) => attendances::apply_resolution(conn, now, today, &mut att, r, &ctx)?,
+                None => (FlagView::default(), Vec::new()),
             };
             attendances::insert(conn, &att)?;
             let outcome = match (&resolution, view.hit) {
@@ -176,11 +184,16 @@ pub async fn create(
                 outcome,
                 detail: Some(json!({"setting_ods": att.setting_ods, "setting_type": att.setting_type, "method": att.match_method}).to_string()),
             })?;
-            Ok(Ok(answer(&att, resolution.as_ref(), &view)))
+            Ok(Ok((answer(&att, resolution.as_ref(), &view, &notified), !notified.is_empty())))
         })
         .await?;
     match stored {
-        Ok(json) => Ok(HttpResponse::Created().json(json)),
+        Ok((json, notified)) => {
+            if notified {
+                state.wake_deliverer();
+            }
+            Ok(HttpResponse::Created().json(json))
+        }
         Err(existing) => repeat(&state, principal.actor(role), existing).await,
     }
 }
@@ -201,6 +214,7 @@ async fn repeat(
                 Some(r) => flags::view(conn, r, today, existing.setting())?,
                 None => FlagView::default(),
             };
+            let notified = crate::notify::NotificationRow::ids_for_attendance(conn, &existing.id)?;
             audit::append(
                 conn,
                 now,
@@ -216,7 +230,7 @@ async fn repeat(
                     ..Default::default()
                 },
             )?;
-            Ok::<_, ApiError>(answer(&existing, resolution.as_ref(), &view))
+            Ok::<_, ApiError>(answer(&existing, resolution.as_ref(), &view, &notified))
         })
         .await?;
     Ok(HttpResponse::Ok().json(json))

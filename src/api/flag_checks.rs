@@ -8,11 +8,12 @@ use super::ApiJson;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::clock::format_timestamp;
-use crate::db::models::AccessRow;
+use crate::db::models::{AccessRow, Organisation};
 use crate::domain::{AccessKind, OdsCode, SettingType};
 use crate::error::{ApiError, Validator};
 use crate::flags;
 use crate::mpi::{MatchStatus, MpiError, PatientQuery};
+use crate::notify;
 use crate::startup::AppState;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
@@ -130,7 +131,9 @@ pub async fn check(
         .with_practitioner(check.practitioner.clone());
     let now = state.clock.now_naive();
     let key_id = principal.key_id.clone();
-    let json = state
+    let delivery = state.settings.delivery.clone();
+    let base = state.settings.server.public_base_url.clone();
+    let (json, notified) = state
         .db
         .write(move |conn| {
             let view = flags::view(conn, &resolution, today, None)?;
@@ -153,6 +156,31 @@ pub async fn check(
                     practitioner_role: check.practitioner_role.clone(),
                     key_id: Some(key_id),
                 })?;
+            }
+            // An unscheduled check of a flagged child is told to the responsible authorities; a scheduled one is
+            // a silent read.
+            let mut notified = Vec::new();
+            if let (true, AccessKind::Unscheduled, Some(nhs)) = (view.hit, check.access, &view.nhs_number) {
+                let setting_name = Organisation::find(conn, &check.setting_ods)?.map(|o| o.name);
+                notified = notify::enqueue(
+                    conn,
+                    now,
+                    &delivery,
+                    &base,
+                    &view.active_plans,
+                    &notify::Occurrence {
+                        event: notify::FLAG_ACCESSED,
+                        nhs_number: nhs,
+                        initials: crate::attendances::initials(&view.active_plans),
+                        setting_ods: &check.setting_ods,
+                        setting_name: setting_name.as_deref(),
+                        setting_type: check.setting_type,
+                        occurred_at: now,
+                        attendance_ref: None,
+                        review: false,
+                        match_method: resolution.method.as_str(),
+                    },
+                )?;
             }
             let audited_nhs = view.nhs_number.as_deref().or(check.patient.nhs_number.as_ref().map(|n| n.as_str()));
             let outcome = match resolution.status {
@@ -182,8 +210,12 @@ pub async fn check(
                     json!({"at": format_timestamp(a.at), "setting_ods": a.setting_ods, "setting_name": a.setting_name, "setting_type": a.setting_type})
                 })
                 .collect();
-            Ok::<_, ApiError>(json!({"match": flags::match_json(&resolution), "flags": view.flags, "recent_accesses": recent}))
+            let answer = json!({"match": flags::match_json(&resolution), "flags": view.flags, "recent_accesses": recent});
+            Ok::<_, ApiError>((answer, !notified.is_empty()))
         })
         .await?;
+    if notified {
+        state.wake_deliverer();
+    }
     Ok(HttpResponse::Ok().json(json))
 }

@@ -7,6 +7,7 @@ mod flag_checks;
 mod health;
 mod keys;
 mod mpi;
+mod notifications;
 mod organisations;
 mod patient;
 mod plans;
@@ -46,6 +47,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .service(web::resource("/keys/{id}").delete(keys::revoke))
                 .service(web::resource("/organisations").post(organisations::upsert))
                 .service(web::resource("/organisations/{ods}").get(organisations::read))
+                .service(
+                    web::resource("/organisations/{ods}/delivery").put(notifications::put_delivery),
+                )
+                .service(web::resource("/notifications").get(notifications::list))
+                .service(web::resource("/notifications/{id}").get(notifications::read))
+                .service(
+                    web::resource("/notifications/{id}/redeliver").post(notifications::redeliver),
+                )
                 .service(web::resource("/plans").post(plans::register))
                 .service(web::resource("/plans/search").post(plans::search))
                 .service(

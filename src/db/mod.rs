@@ -262,3 +262,82 @@ pub fn insert_persons(
             .execute(c),
     }
 }
+
+#[derive(diesel::QueryableByName)]
+pub struct Claimed {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub notification_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub channel: String,
+}
+
+/// Claims up to `limit` due deliveries for this instance until `lease_until`. On PostgreSQL, `FOR UPDATE SKIP
+/// LOCKED` lets several instances claim at once without taking the same row; an expired lease (its instance
+/// died) makes a row claimable again. SQLite has one writer, so the plain form is enough.
+pub fn claim_deliveries(
+    conn: &mut DbConnection,
+    now: chrono::NaiveDateTime,
+    lease_until: chrono::NaiveDateTime,
+    instance: &str,
+    limit: i64,
+) -> Result<Vec<Claimed>, diesel::result::Error> {
+    use diesel::sql_types::{BigInt, Text, Timestamp};
+    use diesel::RunQueryDsl;
+    match conn {
+        DbConnection::Postgres(c) => diesel::sql_query(
+            "UPDATE deliveries SET lease_until = $1, leased_by = $2 \
+             WHERE (notification_id, channel) IN ( \
+               SELECT notification_id, channel FROM deliveries \
+               WHERE status = 'pending' AND next_attempt_at <= $3 AND (lease_until IS NULL OR lease_until < $3) \
+               ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING notification_id, channel",
+        )
+        .bind::<Timestamp, _>(lease_until)
+        .bind::<Text, _>(instance)
+        .bind::<Timestamp, _>(now)
+        .bind::<BigInt, _>(limit)
+        .load(c),
+        DbConnection::Sqlite(c) => diesel::sql_query(
+            "UPDATE deliveries SET lease_until = ?1, leased_by = ?2 \
+             WHERE (notification_id, channel) IN ( \
+               SELECT notification_id, channel FROM deliveries \
+               WHERE status = 'pending' AND next_attempt_at <= ?3 AND (lease_until IS NULL OR lease_until < ?3) \
+               ORDER BY next_attempt_at LIMIT ?4) \
+             RETURNING notification_id, channel",
+        )
+        .bind::<Timestamp, _>(lease_until)
+        .bind::<Text, _>(instance)
+        .bind::<Timestamp, _>(now)
+        .bind::<BigInt, _>(limit)
+        .load(c),
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    locked: bool,
+}
+
+/// Takes a session-level advisory lock on PostgreSQL so one instance runs a job tick; SQLite has one process.
+pub fn try_job_lock(conn: &mut DbConnection, key: i64) -> Result<bool, diesel::result::Error> {
+    use diesel::RunQueryDsl;
+    match conn {
+        DbConnection::Postgres(c) => diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
+            .bind::<diesel::sql_types::BigInt, _>(key)
+            .get_result::<Locked>(c)
+            .map(|l| l.locked),
+        DbConnection::Sqlite(_) => Ok(true),
+    }
+}
+
+pub fn release_job_lock(conn: &mut DbConnection, key: i64) -> Result<(), diesel::result::Error> {
+    use diesel::RunQueryDsl;
+    match conn {
+        DbConnection::Postgres(c) => diesel::sql_query("SELECT pg_advisory_unlock($1) AS locked")
+            .bind::<diesel::sql_types::BigInt, _>(key)
+            .get_result::<Locked>(c)
+            .map(|_| ()),
+        DbConnection::Sqlite(_) => Ok(()),
+    }
+}

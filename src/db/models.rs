@@ -147,6 +147,8 @@ pub struct PlanRow {
     pub version: i32,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    /// Set by the `expire` job once the end date has passed.
+    pub ended_at: Option<NaiveDateTime>,
 }
 
 /// Which plans a search returns.

@@ -47,6 +47,7 @@ diesel::table! {
         version -> Integer,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        ended_at -> Nullable<Timestamp>,
     }
 }
 
@@ -149,6 +150,75 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    delivery_endpoints (org_ods) {
+        org_ods -> Text,
+        emails -> Text,
+        webhook_url -> Nullable<Text>,
+        webhook_secret -> Nullable<Text>,
+        webhook_previous_secret -> Nullable<Text>,
+        previous_secret_until -> Nullable<Timestamp>,
+        webhook_disabled_at -> Nullable<Timestamp>,
+        events -> Text,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    notifications (id) {
+        id -> Text,
+        org_ods -> Text,
+        event -> Text,
+        status -> Text,
+        review -> Bool,
+        nhs_number -> Nullable<Text>,
+        setting_ods -> Nullable<Text>,
+        setting_type -> Nullable<Text>,
+        attendance_ref -> Nullable<Text>,
+        occurred_at -> Timestamp,
+        payload -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    deliveries (notification_id, channel) {
+        notification_id -> Text,
+        channel -> Text,
+        target -> Text,
+        status -> Text,
+        attempts -> Integer,
+        next_attempt_at -> Timestamp,
+        lease_until -> Nullable<Timestamp>,
+        leased_by -> Nullable<Text>,
+        last_error -> Nullable<Text>,
+        delivered_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    delivery_attempts (id) {
+        id -> Text,
+        notification_id -> Text,
+        channel -> Text,
+        at -> Timestamp,
+        outcome -> Text,
+        response_code -> Nullable<Integer>,
+        error -> Nullable<Text>,
+        duration_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    job_runs (name) {
+        name -> Text,
+        last_tick -> Timestamp,
+        last_finished -> Nullable<Timestamp>,
+    }
+}
+
+diesel::joinable!(deliveries -> notifications (notification_id));
 diesel::joinable!(person_identifiers -> persons (person_id));
 diesel::joinable!(api_keys -> organisations (org_ods));
 diesel::joinable!(plans -> organisations (la_ods));
@@ -162,5 +232,10 @@ diesel::allow_tables_to_appear_in_same_query!(
     audit_head,
     persons,
     person_identifiers,
-    attendances
+    attendances,
+    delivery_endpoints,
+    notifications,
+    deliveries,
+    delivery_attempts,
+    job_runs
 );

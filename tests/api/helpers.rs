@@ -85,6 +85,11 @@ impl TestDb {
         s.server.port = 0;
         s.server.workers = 1;
         s.database.pool_size = 8;
+        // Jobs run only where a test turns them on, so each test controls when delivery happens.
+        s.jobs.deliver = String::new();
+        s.jobs.expire = String::new();
+        s.jobs.purge = String::new();
+        s.jobs.rematch = String::new();
         s
     }
 

@@ -1,0 +1,600 @@
+//! Notifications: the outbox rows written in the same transaction as the attendance or check they report, one per
+//! responsible local authority; the per-channel delivery rows the `deliver` job works through; and what an email
+//! or a webhook says. Nothing here sends: see `deliver`.
+
+pub mod backoff;
+pub mod deliver;
+pub mod email;
+pub mod webhook;
+
+use crate::clock::format_timestamp;
+use crate::config::{DeliverySettings, SensitivePolicy};
+use crate::db::models::PlanRow;
+use crate::db::schema::{deliveries, delivery_attempts, delivery_endpoints, notifications};
+use crate::db::DbConnection;
+use crate::domain::SettingType;
+use chrono::{Duration, NaiveDateTime};
+use diesel::prelude::*;
+use diesel::result::Error;
+use serde_json::{json, Value};
+
+pub const ATTENDANCE_FLAGGED: &str = "attendance.flagged";
+pub const FLAG_ACCESSED: &str = "flag.accessed";
+pub const DELIVERY_EXHAUSTED: &str = "delivery.exhausted";
+pub const PLAN_ENDING: &str = "plan.ending";
+pub const EVENTS: [&str; 4] = [
+    ATTENDANCE_FLAGGED,
+    FLAG_ACCESSED,
+    DELIVERY_EXHAUSTED,
+    PLAN_ENDING,
+];
+
+pub const PENDING: &str = "pending";
+pub const DELIVERED: &str = "delivered";
+pub const DEAD: &str = "dead";
+pub const EMAIL: &str = "email";
+pub const WEBHOOK: &str = "webhook";
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = notifications, treat_none_as_null = true)]
+pub struct NotificationRow {
+    pub id: String,
+    pub org_ods: String,
+    pub event: String,
+    pub status: String,
+    pub review: bool,
+    pub nhs_number: Option<String>,
+    pub setting_ods: Option<String>,
+    pub setting_type: Option<String>,
+    pub attendance_ref: Option<String>,
+    pub occurred_at: NaiveDateTime,
+    /// The event as sent (webhook body); cleared when personal data is purged.
+    pub payload: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = deliveries, treat_none_as_null = true)]
+pub struct DeliveryRow {
+    pub notification_id: String,
+    pub channel: String,
+    pub target: String,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: NaiveDateTime,
+    pub lease_until: Option<NaiveDateTime>,
+    pub leased_by: Option<String>,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<NaiveDateTime>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = delivery_attempts)]
+pub struct AttemptRow {
+    pub id: String,
+    pub notification_id: String,
+    pub channel: String,
+    pub at: NaiveDateTime,
+    pub outcome: String,
+    pub response_code: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}
+
+#[derive(Clone, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = delivery_endpoints, treat_none_as_null = true)]
+pub struct EndpointRow {
+    pub org_ods: String,
+    /// Comma-separated addresses.
+    pub emails: String,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub webhook_previous_secret: Option<String>,
+    pub previous_secret_until: Option<NaiveDateTime>,
+    pub webhook_disabled_at: Option<NaiveDateTime>,
+    /// Comma-separated event names.
+    pub events: String,
+    pub updated_at: NaiveDateTime,
+}
+
+impl std::fmt::Debug for EndpointRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointRow")
+            .field("org_ods", &self.org_ods)
+            .field("webhook_url", &self.webhook_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndpointRow {
+    pub fn find(conn: &mut DbConnection, org: &str) -> Result<Option<Self>, Error> {
+        delivery_endpoints::table
+            .find(org)
+            .select(Self::as_select())
+            .first(conn)
+            .optional()
+    }
+
+    pub fn wants(&self, event: &str) -> bool {
+        self.events.split(',').any(|e| e == event)
+    }
+
+    pub fn email_targets(&self) -> Option<String> {
+        (!self.emails.is_empty()).then(|| self.emails.clone())
+    }
+
+    /// The secrets to sign with now: the current one, and the previous one while a rotation is in progress.
+    pub fn signing_secrets(&self, now: NaiveDateTime) -> Vec<String> {
+        let mut s: Vec<String> = self.webhook_secret.iter().cloned().collect();
+        if let (Some(prev), Some(until)) =
+            (&self.webhook_previous_secret, self.previous_secret_until)
+        {
+            if until > now {
+                s.push(prev.clone());
+            }
+        }
+        s
+    }
+
+    pub fn upsert(conn: &mut DbConnection, row: &EndpointRow) -> Result<(), Error> {
+        if Self::find(conn, &row.org_ods)?.is_some() {
+            diesel::update(delivery_endpoints::table.find(&row.org_ods))
+                .set(row)
+                .execute(conn)?;
+        } else {
+            diesel::insert_into(delivery_endpoints::table)
+                .values(row)
+                .execute(conn)?;
+        }
+        Ok(())
+    }
+
+    pub fn disable_webhook(
+        conn: &mut DbConnection,
+        org: &str,
+        now: NaiveDateTime,
+    ) -> Result<(), Error> {
+        diesel::update(delivery_endpoints::table.find(org))
+            .set(delivery_endpoints::webhook_disabled_at.eq(Some(now)))
+            .execute(conn)
+            .map(|_| ())
+    }
+}
+
+impl NotificationRow {
+    pub fn find(conn: &mut DbConnection, id: &str) -> Result<Option<Self>, Error> {
+        notifications::table
+            .find(id)
+            .select(Self::as_select())
+            .first(conn)
+            .optional()
+    }
+
+    /// An earlier notification of the same visit: this authority, this setting, this person, within the window.
+    fn same_visit(
+        conn: &mut DbConnection,
+        org: &str,
+        setting: &str,
+        nhs: &str,
+        at: NaiveDateTime,
+        window: Duration,
+    ) -> Result<Option<String>, Error> {
+        notifications::table
+            .filter(notifications::org_ods.eq(org))
+            .filter(notifications::setting_ods.eq(setting))
+            .filter(notifications::nhs_number.eq(nhs))
+            .filter(notifications::event.eq_any([ATTENDANCE_FLAGGED, FLAG_ACCESSED]))
+            .filter(notifications::occurred_at.ge(at - window))
+            .filter(notifications::occurred_at.le(at + window))
+            .select(notifications::id)
+            .first(conn)
+            .optional()
+    }
+
+    pub fn ids_for_attendance(
+        conn: &mut DbConnection,
+        attendance: &str,
+    ) -> Result<Vec<String>, Error> {
+        notifications::table
+            .filter(notifications::attendance_ref.eq(attendance))
+            .order(notifications::created_at.asc())
+            .select(notifications::id)
+            .load(conn)
+    }
+
+    pub fn deliveries(conn: &mut DbConnection, id: &str) -> Result<Vec<DeliveryRow>, Error> {
+        deliveries::table
+            .filter(deliveries::notification_id.eq(id))
+            .order(deliveries::channel.asc())
+            .select(DeliveryRow::as_select())
+            .load(conn)
+    }
+
+    pub fn attempts(conn: &mut DbConnection, id: &str) -> Result<Vec<AttemptRow>, Error> {
+        delivery_attempts::table
+            .filter(delivery_attempts::notification_id.eq(id))
+            .order(delivery_attempts::at.asc())
+            .select(AttemptRow::as_select())
+            .load(conn)
+    }
+}
+
+/// The state of a notification from the states of its channels: dead when any channel is dead (those that
+/// delivered stay recorded), delivered when every channel has delivered, otherwise pending (including when the
+/// authority has no channel configured yet).
+pub fn overall_status(channels: &[&str]) -> &'static str {
+    if channels.contains(&DEAD) {
+        DEAD
+    } else if !channels.is_empty() && channels.iter().all(|c| *c == DELIVERED) {
+        DELIVERED
+    } else {
+        PENDING
+    }
+}
+
+/// Recomputes and stores a notification's status; answers it.
+pub fn refresh_status(
+    conn: &mut DbConnection,
+    id: &str,
+    now: NaiveDateTime,
+) -> Result<&'static str, Error> {
+    let states: Vec<String> = deliveries::table
+        .filter(deliveries::notification_id.eq(id))
+        .select(deliveries::status)
+        .load(conn)?;
+    let status = overall_status(&states.iter().map(String::as_str).collect::<Vec<_>>());
+    diesel::update(notifications::table.find(id))
+        .set((
+            notifications::status.eq(status),
+            notifications::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(status)
+}
+
+/// Makes the delivery rows of a notification for whatever channels its authority has for its event.
+pub fn add_channels(
+    conn: &mut DbConnection,
+    n: &NotificationRow,
+    endpoint: Option<&EndpointRow>,
+    first_attempt: NaiveDateTime,
+) -> Result<usize, Error> {
+    let Some(ep) = endpoint.filter(|e| e.wants(&n.event)) else {
+        return Ok(0);
+    };
+    let mut rows = Vec::new();
+    if let Some(emails) = ep.email_targets() {
+        rows.push((EMAIL, emails));
+    }
+    if let (Some(url), None) = (&ep.webhook_url, ep.webhook_disabled_at) {
+        rows.push((WEBHOOK, url.clone()));
+    }
+    for (channel, target) in &rows {
+        diesel::insert_into(deliveries::table)
+            .values(DeliveryRow {
+                notification_id: n.id.clone(),
+                channel: channel.to_string(),
+                target: target.clone(),
+                status: PENDING.into(),
+                attempts: 0,
+                next_attempt_at: first_attempt,
+                lease_until: None,
+                leased_by: None,
+                last_error: None,
+                delivered_at: None,
+            })
+            .execute(conn)?;
+    }
+    Ok(rows.len())
+}
+
+/// What happened, to be told to the responsible authorities.
+#[derive(Debug, Clone)]
+pub struct Occurrence<'a> {
+    pub event: &'static str,
+    pub nhs_number: &'a str,
+    pub initials: Option<String>,
+    pub setting_ods: &'a str,
+    pub setting_name: Option<&'a str>,
+    pub setting_type: Option<SettingType>,
+    pub occurred_at: NaiveDateTime,
+    pub attendance_ref: Option<&'a str>,
+    /// A possible (not certain) match: the authority should review before acting.
+    pub review: bool,
+    pub match_method: &'a str,
+}
+
+/// Writes the outbox rows for an occurrence: one notification per responsible authority of `plans` (active,
+/// applicable plans), unless the same visit was already notified within the window, or the setting is sensitive
+/// and policy says not to. Answers the ids of the notifications that now cover this occurrence.
+pub fn enqueue(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    settings: &DeliverySettings,
+    public_base_url: &str,
+    plans: &[PlanRow],
+    occ: &Occurrence,
+) -> Result<Vec<String>, Error> {
+    let sensitive = occ.setting_type.is_some_and(SettingType::is_sensitive);
+    if sensitive && settings.sensitive_settings == SensitivePolicy::DoNotNotify {
+        return Ok(Vec::new());
+    }
+    let withhold_setting =
+        sensitive && settings.sensitive_settings == SensitivePolicy::NotifyWithoutSettingName;
+    let mut authorities: Vec<&str> = plans.iter().map(|p| p.la_ods.as_str()).collect();
+    authorities.sort();
+    authorities.dedup();
+    let window = Duration::hours(settings.visit_window_hours);
+    let first_attempt = now;
+    let mut ids = Vec::new();
+    for la in authorities {
+        if let Some(existing) = NotificationRow::same_visit(
+            conn,
+            la,
+            occ.setting_ods,
+            occ.nhs_number,
+            occ.occurred_at,
+            window,
+        )? {
+            ids.push(existing);
+            continue;
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let their_plans: Vec<&PlanRow> = plans.iter().filter(|p| p.la_ods == la).collect();
+        let payload = json!({
+            "type": occ.event,
+            "timestamp": format_timestamp(now),
+            "data": {
+                "notification_id": id,
+                "event": occ.event,
+                "occurred_at": format_timestamp(occ.occurred_at),
+                "review": occ.review,
+                "setting": {
+                    "ods_code": if withhold_setting { None } else { Some(occ.setting_ods) },
+                    "name": if withhold_setting { None } else { occ.setting_name },
+                    "type": occ.setting_type.map(|t| t.as_str()),
+                },
+                "child": {"nhs_number": occ.nhs_number, "initials": occ.initials},
+                "plans": their_plans.iter().map(|p| json!({"plan_id": p.id, "plan_type": p.plan_type, "local_reference": p.local_reference})).collect::<Vec<_>>(),
+                "match": {"method": occ.match_method, "review": occ.review},
+                "link": format!("{}/v1/notifications/{id}", public_base_url.trim_end_matches('/')),
+            }
+        });
+        let row = NotificationRow {
+            id: id.clone(),
+            org_ods: la.to_string(),
+            event: occ.event.to_string(),
+            status: PENDING.into(),
+            review: occ.review,
+            nhs_number: Some(occ.nhs_number.to_string()),
+            setting_ods: Some(occ.setting_ods.to_string()),
+            setting_type: occ.setting_type.map(|t| t.as_str().to_string()),
+            attendance_ref: occ.attendance_ref.map(str::to_string),
+            occurred_at: occ.occurred_at,
+            payload: Some(payload.to_string()),
+            created_at: now,
+            updated_at: now,
+        };
+        diesel::insert_into(notifications::table)
+            .values(&row)
+            .execute(conn)?;
+        let endpoint = EndpointRow::find(conn, la)?;
+        add_channels(conn, &row, endpoint.as_ref(), first_attempt)?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Writes a `delivery.exhausted` notification to the fallback address about a dead one.
+pub fn enqueue_exhausted(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    dead: &NotificationRow,
+    fallback: &str,
+    public_base_url: &str,
+) -> Result<String, Error> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let payload = json!({
+        "type": DELIVERY_EXHAUSTED,
+        "timestamp": format_timestamp(now),
+        "data": {
+            "notification_id": id,
+            "event": DELIVERY_EXHAUSTED,
+            "undelivered": {"notification_id": dead.id, "event": dead.event, "org_ods": dead.org_ods,
+                            "occurred_at": format_timestamp(dead.occurred_at)},
+            "link": format!("{}/v1/notifications/{}", public_base_url.trim_end_matches('/'), dead.id),
+        }
+    });
+    let row = NotificationRow {
+        id: id.clone(),
+        org_ods: dead.org_ods.clone(),
+        event: DELIVERY_EXHAUSTED.into(),
+        status: PENDING.into(),
+        review: false,
+        nhs_number: None,
+        setting_ods: None,
+        setting_type: None,
+        attendance_ref: None,
+        occurred_at: now,
+        payload: Some(payload.to_string()),
+        created_at: now,
+        updated_at: now,
+    };
+    diesel::insert_into(notifications::table)
+        .values(&row)
+        .execute(conn)?;
+    diesel::insert_into(deliveries::table)
+        .values(DeliveryRow {
+            notification_id: id.clone(),
+            channel: EMAIL.into(),
+            target: fallback.to_string(),
+            status: PENDING.into(),
+            attempts: 0,
+            next_attempt_at: now,
+            lease_until: None,
+            leased_by: None,
+            last_error: None,
+            delivered_at: None,
+        })
+        .execute(conn)?;
+    Ok(id)
+}
+
+fn human_event(event: &str) -> &'static str {
+    match event {
+        ATTENDANCE_FLAGGED => {
+            "A child subject to a protection plan held by your authority attended unscheduled care"
+        }
+        FLAG_ACCESSED => {
+            "The protection flag of a child on one of your plans was viewed in unscheduled care"
+        }
+        DELIVERY_EXHAUSTED => "A cpis notification could not be delivered",
+        _ => "cpis notification",
+    }
+}
+
+/// The email for a notification: a subject that identifies no one; the minimum necessary in the body.
+pub fn compose_email(
+    n: &NotificationRow,
+    include_identifiers: bool,
+    domain: &str,
+) -> email::OutgoingEmail {
+    let payload: Value = n
+        .payload
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok())
+        .unwrap_or(Value::Null);
+    let d = &payload["data"];
+    let reference = &n.id[..8];
+    let subject = match n.event.as_str() {
+        DELIVERY_EXHAUSTED => {
+            format!("cpis: notification could not be delivered (ref {reference})")
+        }
+        _ => format!("cpis safeguarding notification (ref {reference})"),
+    };
+    let mut body = String::new();
+    body.push_str(human_event(&n.event));
+    body.push_str(".\n\n");
+    let line = |body: &mut String, label: &str, value: &Value| {
+        if let Some(v) = value.as_str().filter(|v| !v.is_empty()) {
+            body.push_str(&format!("{label}: {v}\n"));
+        }
+    };
+    line(&mut body, "Event", &json!(n.event));
+    if d["review"] == true {
+        body.push_str("Match: POSSIBLE - please review before acting\n");
+    }
+    line(&mut body, "Setting", &d["setting"]["name"]);
+    line(&mut body, "Setting type", &d["setting"]["type"]);
+    line(&mut body, "Time", &d["occurred_at"]);
+    let plan_types: Vec<&str> = d["plans"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["plan_type"].as_str())
+        .collect();
+    if !plan_types.is_empty() {
+        body.push_str(&format!("Plan type: {}\n", plan_types.join(", ")));
+    }
+    let references: Vec<&str> = d["plans"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["local_reference"].as_str())
+        .collect();
+    if !references.is_empty() {
+        body.push_str(&format!("Your reference: {}\n", references.join(", ")));
+    }
+    line(&mut body, "Child's initials", &d["child"]["initials"]);
+    if include_identifiers {
+        line(&mut body, "NHS number", &d["child"]["nhs_number"]);
+    }
+    if let Some(u) = d["undelivered"].as_object() {
+        body.push_str(&format!(
+            "Undelivered notification: {} ({}) for {}\n",
+            u.get("notification_id")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+            u.get("event").and_then(Value::as_str).unwrap_or(""),
+            u.get("org_ods").and_then(Value::as_str).unwrap_or("")
+        ));
+    }
+    body.push_str(&format!("Reference: {}\n", n.id));
+    line(&mut body, "Details", &d["link"]);
+    body.push_str(
+        "\nSign in to cpis with your organisation's key to read the full notification.\n",
+    );
+    email::OutgoingEmail {
+        to: Vec::new(),
+        subject,
+        body,
+        message_id: format!("{}@{domain}", n.id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_is_dead_if_any_channel_is_and_delivered_only_when_all_are() {
+        assert_eq!(overall_status(&[]), PENDING);
+        assert_eq!(overall_status(&[DELIVERED, PENDING]), PENDING);
+        assert_eq!(overall_status(&[DELIVERED, DELIVERED]), DELIVERED);
+        assert_eq!(overall_status(&[DELIVERED, DEAD]), DEAD);
+    }
+
+    fn row(payload: Value) -> NotificationRow {
+        let at = chrono::NaiveDate::from_ymd_opt(2026, 11, 20)
+            .unwrap()
+            .and_hms_opt(22, 15, 0)
+            .unwrap();
+        NotificationRow {
+            id: "0b7c6c1e-1111-2222-3333-444455556666".into(),
+            org_ods: "E08000025".into(),
+            event: ATTENDANCE_FLAGGED.into(),
+            status: PENDING.into(),
+            review: false,
+            nhs_number: Some("9434765919".into()),
+            setting_ods: Some("RBT01".into()),
+            setting_type: Some("ED".into()),
+            attendance_ref: None,
+            occurred_at: at,
+            payload: Some(payload.to_string()),
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    #[test]
+    fn an_email_subject_identifies_no_one_and_the_body_carries_the_minimum() {
+        let n = row(json!({"data": {
+            "occurred_at": "2026-11-20T22:15:00.000000Z", "review": false,
+            "setting": {"ods_code": "RBT01", "name": "Warrington ED", "type": "ED"},
+            "child": {"nhs_number": "9434765919", "initials": "A.S."},
+            "plans": [{"plan_type": "CPP", "local_reference": "BCC-1"}],
+            "link": "https://cpis.example/v1/notifications/0b7c"}}));
+        let with = compose_email(&n, true, "cpis.example");
+        assert!(!with.subject.contains("9434765919") && !with.subject.contains("A.S."));
+        for part in [
+            "Warrington ED",
+            "ED",
+            "2026-11-20T22:15",
+            "CPP",
+            "A.S.",
+            "9434765919",
+            "https://cpis.example/v1/notifications/0b7c",
+            &n.id,
+        ] {
+            assert!(
+                with.body.contains(part),
+                "{part} missing from {}",
+                with.body
+            );
+        }
+        assert_eq!(with.message_id, format!("{}@cpis.example", n.id));
+        let without = compose_email(&n, false, "cpis.example");
+        assert!(!without.body.contains("9434765919"));
+    }
+}
