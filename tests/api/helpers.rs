@@ -264,6 +264,10 @@ impl TestApp {
         self.request(Method::GET, path, Some(key), None).await
     }
 
+    pub async fn put(&self, path: &str, key: &str, body: Value) -> Resp {
+        self.request(Method::PUT, path, Some(key), Some(body)).await
+    }
+
     pub async fn patch(&self, path: &str, key: &str, body: Value) -> Resp {
         self.request(Method::PATCH, path, Some(key), Some(body))
             .await

@@ -11,5 +11,8 @@ mod health;
 mod identity;
 mod logs;
 mod mpi_external;
+mod notifications;
 mod organisations;
 mod plans;
+mod receiver;
+mod smtp;
