@@ -194,7 +194,7 @@ async fn a_flagged_attendance_reaches_the_right_authority_by_signed_webhook_and_
         assert_eq!(hook.id, id);
         assert_eq!(
             hook.verified_with,
-            [s.webhook_secret.clone()],
+            std::slice::from_ref(&s.webhook_secret),
             "signature checked independently"
         );
         assert!((chrono::Utc::now().timestamp() - hook.timestamp).abs() < 60);
