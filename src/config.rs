@@ -415,7 +415,7 @@ impl Settings {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("delivery.retry_schedule")
-                    .try_parsing(false),
+                    .try_parsing(true),
             )
             .build()?
             .try_deserialize()?;
@@ -605,6 +605,34 @@ mod tests {
             parse_duration("2h").unwrap(),
             std::time::Duration::from_secs(7200)
         );
+    }
+
+    #[test]
+    fn environment_variables_override_files_and_lists_are_comma_separated() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("default.toml"),
+            "[server]\nport = 9000\n[mail]\nfrom = \"a@b.example.org\"\n",
+        )
+        .unwrap();
+        // SAFETY of the test: these variables are read only by this test's load.
+        std::env::set_var("CPIS__DELIVERY__RETRY_SCHEDULE", "0s,5s,5m");
+        std::env::set_var("CPIS__MAIL__PASSWORD", "12345");
+        std::env::set_var("CPIS__WEBHOOK__ALLOW_HTTP", "true");
+        let s = Settings::load_from(dir.path()).unwrap();
+        std::env::remove_var("CPIS__DELIVERY__RETRY_SCHEDULE");
+        std::env::remove_var("CPIS__MAIL__PASSWORD");
+        std::env::remove_var("CPIS__WEBHOOK__ALLOW_HTTP");
+        assert_eq!(s.server.port, 9000);
+        assert_eq!(s.delivery.retry_schedule, ["0s", "5s", "5m"]);
+        assert_eq!(
+            s.mail
+                .password
+                .as_ref()
+                .map(|p| p.expose_secret().to_string()),
+            Some("12345".into())
+        );
+        assert!(s.webhook.allow_http);
     }
 
     #[test]

@@ -341,3 +341,24 @@ pub fn release_job_lock(conn: &mut DbConnection, key: i64) -> Result<(), diesel:
         DbConnection::Sqlite(_) => Ok(()),
     }
 }
+
+/// Serialises the recording of a notification's channels on PostgreSQL, so two channels finishing at once
+/// cannot each miss the other's outcome when the notification's status is recomputed. SQLite writes are
+/// serialised already.
+pub fn lock_notification(
+    conn: &mut DbConnection,
+    notification: &str,
+) -> Result<(), diesel::result::Error> {
+    use diesel::prelude::*;
+    use schema::notifications::dsl::*;
+    match conn {
+        DbConnection::Postgres(c) => notifications
+            .find(notification)
+            .select(id)
+            .for_update()
+            .first::<String>(c)
+            .optional()
+            .map(|_| ()),
+        DbConnection::Sqlite(_) => Ok(()),
+    }
+}

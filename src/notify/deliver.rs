@@ -261,6 +261,7 @@ async fn record(
     let outcome = state
         .db
         .write(move |conn| {
+            crate::db::lock_notification(conn, &d.notification_id)?;
             let updated = diesel::update(
                 deliveries::table
                     .find((&d.notification_id, &d.channel))
@@ -296,7 +297,7 @@ async fn record(
             if sent.gone && d.channel == super::WEBHOOK {
                 EndpointRow::disable_webhook(conn, &n.org_ods, now)?;
             }
-            let before = n.status.clone();
+            let before = NotificationRow::find(conn, &n.id)?.map(|r| r.status).unwrap_or_default();
             let overall = refresh_status(conn, &n.id, now)?;
             if overall == DEAD && before != DEAD && n.event != DELIVERY_EXHAUSTED {
                 match &fallback {

@@ -10,6 +10,7 @@ use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use std::io::BufRead;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -380,4 +381,58 @@ pub fn cpp_plan(reference: &str, nhs: &str) -> Value {
         "start_date": "2026-01-10",
         "child": {"given_name": "Amelia", "family_name": "Smith", "birth_date": "2019-03-04", "sex": "female", "postcode": "B1 1AA"}
     })
+}
+
+pub struct Served {
+    pub child: std::process::Child,
+    pub address: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Runs the real `cpis serve` binary on a test database with JSON logs (and `env` on top), and waits for it to
+/// say where it listens.
+pub fn serve(db: &TestDb, env: &[(&str, &str)]) -> Served {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cpis"))
+        .arg("serve")
+        .env("CPIS_CONFIG_DIR", "/nonexistent")
+        .env("CPIS__DATABASE__URL", &db.url)
+        .env("CPIS__SERVER__PORT", "0")
+        .env("CPIS__LOG__FORMAT", "json")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cpis serve");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut port = None;
+    let mut line = String::new();
+    while port.is_none() {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("cpis serve exited early: {}", log.lock().unwrap());
+        }
+        log.lock().unwrap().push_str(&line);
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("listening on"))
+            {
+                port = v["port"].as_u64();
+            }
+        }
+    }
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    Served {
+        child,
+        address: format!("http://127.0.0.1:{}", port.unwrap()),
+        log,
+    }
 }

@@ -2,65 +2,13 @@
 
 use crate::helpers::*;
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-
-struct Served {
-    child: std::process::Child,
-    address: String,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-/// Runs `cpis serve` at debug level with JSON logs, and waits for it to say where it listens.
-fn serve(db: &TestDb) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cpis"))
-        .arg("serve")
-        .env("CPIS_CONFIG_DIR", "/nonexistent")
-        .env("CPIS__DATABASE__URL", &db.url)
-        .env("CPIS__SERVER__PORT", "0")
-        .env("CPIS__LOG__FORMAT", "json")
-        .env("CPIS__LOG__LEVEL", "debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start cpis serve");
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut port = None;
-    let mut line = String::new();
-    while port.is_none() {
-        line.clear();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            panic!("cpis serve exited early: {}", log.lock().unwrap());
-        }
-        log.lock().unwrap().push_str(&line);
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if v["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("listening on"))
-            {
-                port = v["port"].as_u64();
-            }
-        }
-    }
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stderr.read_to_string(&mut rest);
-        sink.lock().unwrap().push_str(&rest);
-    });
-    Served {
-        child,
-        address: format!("http://127.0.0.1:{}", port.unwrap()),
-        log,
-    }
-}
+use std::process::Command;
 
 #[tokio::test]
 async fn a_full_scenario_leaves_no_nhs_number_in_the_logs() {
     for backend in backends() {
         let db = TestDb::new(backend);
-        let mut served = serve(&db);
+        let mut served = serve(&db, &[("CPIS__LOG__LEVEL", "debug")]);
         let app = TestApp {
             address: served.address.clone(),
             admin_key: {

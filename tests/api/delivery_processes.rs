@@ -1,0 +1,222 @@
+//! Delivery across process deaths and across instances, with the real `cpis serve` binary: killed with SIGKILL
+//! in the middle of delivering hundreds of notifications and started again, nothing is lost and any repeat
+//! carries the same `webhook-id` and `Message-ID`; two instances on one database deliver a batch once.
+
+use crate::helpers::*;
+use crate::receiver::start_receiver;
+use crate::smtp::start_smtp;
+use diesel::prelude::*;
+use serde_json::json;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+const FLAGGED: usize = 200;
+
+/// An authority with email and webhook endpoints, an ED, and `FLAGGED` attendances of flagged children, written
+/// by an in-process server whose deliver job is off: the notifications wait in the outbox.
+async fn outbox_full_of_notifications(backend: Backend, receiver_url: &str) -> (TestApp, String) {
+    let app = spawn_app_with(backend, |s| {
+        s.webhook.allow_private_targets = true;
+        s.webhook.allow_http = true;
+    })
+    .await;
+    app.add_org("E08000025", "Birmingham City Council", "local_authority")
+        .await;
+    app.add_org(
+        "RXK01",
+        "Sandwell General Emergency Department",
+        "care_setting",
+    )
+    .await;
+    let la = app.key("E08000025", &["social_care"]).await;
+    let ed = app.key("RXK01", &["care_setting"]).await;
+    let put = app
+        .put(
+            "/v1/organisations/E08000025/delivery",
+            &la,
+            json!({"email": ["mash@birmingham.example.org"], "webhook": {"url": receiver_url}}),
+        )
+        .await;
+    let secret = put.body["webhook"]["secret"].as_str().unwrap().to_string();
+    for i in 0..FLAGGED {
+        let nhs = test_nhs_number(1000 + i as u32);
+        assert_eq!(
+            app.post("/v1/plans", &la, cpp_plan(&format!("P-{i}"), &nhs))
+                .await
+                .status,
+            201
+        );
+        let att = json!({"attendance_id": format!("A-{i}"), "setting_ods": "RXK01", "setting_type": "ED",
+                         "arrived_at": "2026-11-20T22:15:00Z", "patient": {"nhs_number": nhs}});
+        let resp = app.post("/v1/attendances", &ed, att).await;
+        assert_eq!(
+            resp.body["notifications"].as_array().unwrap().len(),
+            1,
+            "{resp:?}"
+        );
+    }
+    (app, secret)
+}
+
+fn notification_ids(app: &TestApp) -> BTreeSet<String> {
+    let db = app.db.db();
+    let mut conn = db.get().unwrap();
+    use cpis::db::schema::notifications::dsl::*;
+    notifications
+        .select(id)
+        .load::<String>(&mut *conn)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn statuses(app: &TestApp) -> HashMap<String, i64> {
+    let db = app.db.db();
+    let mut conn = db.get().unwrap();
+    use cpis::db::schema::notifications::dsl::*;
+    let rows: Vec<String> = notifications.select(status).load(&mut *conn).unwrap();
+    let mut counts = HashMap::new();
+    for r in rows {
+        *counts.entry(r).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn serve_env<'a>(smtp_port: &'a str, ca: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CPIS__MAIL__HOST", "localhost"),
+        ("CPIS__MAIL__PORT", smtp_port),
+        ("CPIS__MAIL__CA_CERT", ca),
+        ("CPIS__MAIL__FROM", "cpis <cpis@cpis.test>"),
+        ("CPIS__WEBHOOK__ALLOW_PRIVATE_TARGETS", "true"),
+        ("CPIS__WEBHOOK__ALLOW_HTTP", "true"),
+        ("CPIS__JOBS__DELIVER", "*/1 * * * * *"),
+        ("CPIS__JOBS__EXPIRE", ""),
+        ("CPIS__JOBS__PURGE", ""),
+        ("CPIS__JOBS__REMATCH", ""),
+        ("CPIS__DELIVERY__CONCURRENCY", "4"),
+        ("CPIS__DELIVERY__BATCH_SIZE", "20"),
+        ("CPIS__DELIVERY__LEASE_SECS", "5"),
+        ("CPIS__DELIVERY__RETRY_SCHEDULE", "0s,1s,1s,1s,1s,1s,1s,1s"),
+    ]
+}
+
+async fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not done after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_only_with_the_same_ids(
+) {
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        receiver.behaviour.lock().unwrap().delay = Duration::from_millis(15);
+        let (app, secret) = outbox_full_of_notifications(backend, &receiver.url).await;
+        receiver.trust(&secret);
+        let expected = notification_ids(&app);
+        assert_eq!(expected.len(), FLAGGED);
+
+        let (port, ca) = (smtp.port.to_string(), smtp.ca_cert.display().to_string());
+        let env = serve_env(&port, &ca);
+        let mut first = serve(&app.db, &env);
+        wait_for(Duration::from_secs(60), "first deliveries", || {
+            receiver.hooks().len() >= 40
+        })
+        .await;
+        first.child.kill().unwrap(); // SIGKILL: no chance to finish or clean up
+        first.child.wait().unwrap();
+        let at_kill = receiver.hooks().len();
+        assert!(
+            at_kill < FLAGGED,
+            "the kill came too late to test anything ({at_kill} delivered)"
+        );
+
+        let mut second = serve(&app.db, &env);
+        let started = Instant::now();
+        while statuses(&app).get("delivered") != Some(&(FLAGGED as i64)) {
+            if started.elapsed() > Duration::from_secs(120) {
+                let log = second.log.lock().unwrap().clone();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "not all delivered after the restart: {:?}\n{}",
+                    statuses(&app),
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        second.child.kill().unwrap();
+        second.child.wait().unwrap();
+
+        let hooks = receiver.hooks();
+        let received: BTreeSet<String> = hooks.iter().map(|h| h.id.clone()).collect();
+        assert_eq!(received, expected, "every notification reached the webhook");
+        for h in &hooks {
+            assert_eq!(
+                h.body["data"]["notification_id"],
+                h.id.as_str(),
+                "a repeat carries its notification's webhook-id"
+            );
+            assert_eq!(h.verified_with.len(), 1);
+        }
+        let mails = smtp.mails();
+        let message_ids: BTreeSet<String> = mails
+            .iter()
+            .map(|m| {
+                m.header("message-id")
+                    .unwrap()
+                    .trim_matches(|c| c == '<' || c == '>')
+                    .trim_end_matches("@cpis.test")
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            message_ids, expected,
+            "every notification reached the mailbox, each under its own Message-ID"
+        );
+        println!(
+            "{backend:?}: killed after {at_kill} webhooks; {} webhook requests and {} emails for {FLAGGED} notifications",
+            hooks.len(),
+            mails.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_instances_on_one_database_deliver_a_batch_once() {
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        let (app, secret) = outbox_full_of_notifications(backend, &receiver.url).await;
+        receiver.trust(&secret);
+        let (port, ca) = (smtp.port.to_string(), smtp.ca_cert.display().to_string());
+        let env = serve_env(&port, &ca);
+        let mut a = serve(&app.db, &env);
+        let mut b = serve(&app.db, &env);
+        wait_for(
+            Duration::from_secs(120),
+            "all delivered by two instances",
+            || statuses(&app).get("delivered") == Some(&(FLAGGED as i64)),
+        )
+        .await;
+        // Give a straggler the chance to send a duplicate before counting.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for p in [&mut a, &mut b] {
+            p.child.kill().unwrap();
+            p.child.wait().unwrap();
+        }
+        let hooks = receiver.hooks();
+        let distinct: BTreeSet<String> = hooks.iter().map(|h| h.id.clone()).collect();
+        assert_eq!(distinct, notification_ids(&app));
+        assert_eq!(hooks.len(), FLAGGED, "no notification was sent twice");
+        assert_eq!(smtp.mails().len(), FLAGGED, "no email was sent twice");
+    }
+}
