@@ -34,6 +34,7 @@ pub async fn run_now(state: &AppState, name: &str) -> anyhow::Result<String> {
                     break;
                 }
             }
+            crate::notify::deliver::alert_unconfigured(state).await?;
             Ok(serde_json::to_string(&total)?)
         }
         "rematch" => Ok(serde_json::to_string(

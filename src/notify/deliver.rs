@@ -389,3 +389,74 @@ mod tests {
         assert_eq!(next_state(&ok, 1, &schedule, at(), 0.0).0, DELIVERED);
     }
 }
+
+/// Once a day, tells the fallback address which authorities have notifications waiting because they have no
+/// delivery endpoint. Answers how many notifications were waiting (0 when nothing was sent).
+pub async fn alert_unconfigured(state: &AppState) -> anyhow::Result<i64> {
+    use crate::db::schema::{job_runs, notifications};
+    let Some(fallback) = state.settings.mail.fallback_address.clone() else {
+        return Ok(0);
+    };
+    let now = state.clock.now_naive();
+    let waiting = state
+        .db
+        .write(move |conn| {
+            let last: Option<NaiveDateTime> = job_runs::table
+                .find("unconfigured_alert")
+                .select(job_runs::last_tick)
+                .first(conn)
+                .optional()?;
+            if last.is_some_and(|l| l > now - chrono::Duration::hours(24)) {
+                return Ok::<_, DbError>(Vec::new());
+            }
+            let counts: Vec<(String, i64)> = notifications::table
+                .filter(notifications::status.eq(PENDING))
+                .filter(diesel::dsl::not(diesel::dsl::exists(
+                    deliveries::table.filter(deliveries::notification_id.eq(notifications::id)),
+                )))
+                .group_by(notifications::org_ods)
+                .select((notifications::org_ods, diesel::dsl::count_star()))
+                .load(conn)?;
+            if !counts.is_empty() {
+                match last {
+                    Some(_) => diesel::update(job_runs::table.find("unconfigured_alert"))
+                        .set(job_runs::last_tick.eq(now))
+                        .execute(conn)?,
+                    None => diesel::insert_into(job_runs::table)
+                        .values((
+                            job_runs::name.eq("unconfigured_alert"),
+                            job_runs::last_tick.eq(now),
+                        ))
+                        .execute(conn)?,
+                };
+            }
+            Ok(counts)
+        })
+        .await?;
+    if waiting.is_empty() {
+        return Ok(0);
+    }
+    let total: i64 = waiting.iter().map(|(_, n)| n).sum();
+    let mut body = String::from(
+        "These local authorities have cpis notifications waiting because no delivery endpoint (email or webhook) is \
+         configured for them. The notifications are kept and will be delivered once one is set with \
+         PUT /v1/organisations/{ods}/delivery.\n\n",
+    );
+    for (org, n) in &waiting {
+        body.push_str(&format!("{org}: {n} waiting\n"));
+    }
+    let email = OutgoingEmail {
+        to: vec![fallback],
+        subject: "cpis: notifications waiting for authorities with no delivery endpoint".into(),
+        body,
+        message_id: format!(
+            "unconfigured-{}@{}",
+            now.format("%Y%m%d"),
+            state.outbound.mail_domain
+        ),
+    };
+    if let Err(e) = state.outbound.mailer.send(&email).await {
+        tracing::error!(error = %e.message, waiting = total, "could not tell the fallback address about authorities without endpoints");
+    }
+    Ok(total)
+}

@@ -746,3 +746,68 @@ async fn mail_sent_in_clear_is_refused_by_a_server_that_requires_starttls() {
         "{email}"
     );
 }
+
+#[tokio::test]
+async fn an_authority_without_an_endpoint_keeps_its_notifications_and_the_fallback_hears_daily() {
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        let s = setup(backend, &smtp, &receiver, &["0s"]).await;
+        // Coventry has a plan for another child but no delivery endpoint at all.
+        let other = test_nhs_number(77);
+        s.app
+            .put(
+                "/v1/organisations/E08000026/delivery",
+                &s.other_la,
+                json!({"email": []}),
+            )
+            .await;
+        assert_eq!(
+            s.app
+                .post("/v1/plans", &s.other_la, cpp_plan("CCC-1", &other))
+                .await
+                .status,
+            201
+        );
+        let mut body = attendance("ATT-U", "ED");
+        body["patient"] = json!({"nhs_number": other});
+        let id = s.app.post("/v1/attendances", &s.ed, body).await.body["notifications"][0]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let st = state(&s.settings);
+        cpis::jobs::run_now(&st, "deliver").await.unwrap();
+        cpis::jobs::run_now(&st, "deliver").await.unwrap();
+        let alerts: Vec<_> = smtp
+            .mails()
+            .into_iter()
+            .filter(|m| m.to == ["cpis-operations@cpis.test"])
+            .collect();
+        assert_eq!(alerts.len(), 1, "told once a day, not once a tick");
+        assert!(
+            alerts[0].body().contains("E08000026: 1 waiting"),
+            "{}",
+            alerts[0].body()
+        );
+        let waiting = s
+            .app
+            .get(&format!("/v1/notifications/{id}"), &s.other_la)
+            .await;
+        assert_eq!(waiting.body["status"], "pending");
+        assert_eq!(waiting.body["deliveries"], json!([]));
+        // Once Coventry configures an endpoint, the waiting notification goes out.
+        s.app
+            .put(
+                "/v1/organisations/E08000026/delivery",
+                &s.other_la,
+                json!({"email": ["mash@coventry.example.org"]}),
+            )
+            .await;
+        deliver_until(&st, Duration::from_secs(20), || {
+            smtp.mails()
+                .iter()
+                .any(|m| m.to == ["mash@coventry.example.org"])
+        })
+        .await;
+    }
+}
