@@ -320,76 +320,6 @@ async fn record(
     Ok(outcome)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at() -> NaiveDateTime {
-        chrono::NaiveDate::from_ymd_opt(2026, 11, 25)
-            .unwrap()
-            .and_hms_opt(12, 0, 0)
-            .unwrap()
-    }
-
-    fn failed(retry_after: Option<Duration>) -> Sent {
-        Sent {
-            delivered: false,
-            code: Some(500),
-            error: Some("answered 500".into()),
-            retry_after,
-            gone: false,
-        }
-    }
-
-    #[test]
-    fn a_failure_waits_for_the_next_step_of_the_schedule_and_the_last_one_is_dead() {
-        let schedule = [
-            Duration::ZERO,
-            Duration::from_secs(5),
-            Duration::from_secs(300),
-        ];
-        assert_eq!(
-            next_state(&failed(None), 1, &schedule, at(), 0.0),
-            (PENDING, at() + chrono::Duration::seconds(5))
-        );
-        assert_eq!(
-            next_state(&failed(None), 2, &schedule, at(), 0.0),
-            (PENDING, at() + chrono::Duration::seconds(300))
-        );
-        assert_eq!(next_state(&failed(None), 3, &schedule, at(), 0.0).0, DEAD);
-    }
-
-    #[test]
-    fn retry_after_is_honoured_and_gone_ends_at_once() {
-        let schedule = [
-            Duration::ZERO,
-            Duration::from_secs(5),
-            Duration::from_secs(300),
-        ];
-        let (_, next) = next_state(
-            &failed(Some(Duration::from_secs(120))),
-            1,
-            &schedule,
-            at(),
-            0.0,
-        );
-        assert_eq!(next, at() + chrono::Duration::seconds(120));
-        let gone = Sent {
-            gone: true,
-            ..failed(None)
-        };
-        assert_eq!(next_state(&gone, 1, &schedule, at(), 0.0).0, DEAD);
-        let ok = Sent {
-            delivered: true,
-            code: Some(204),
-            error: None,
-            retry_after: None,
-            gone: false,
-        };
-        assert_eq!(next_state(&ok, 1, &schedule, at(), 0.0).0, DELIVERED);
-    }
-}
-
 /// Once a day, tells the fallback address which authorities have notifications waiting because they have no
 /// delivery endpoint. Answers how many notifications were waiting (0 when nothing was sent).
 pub async fn alert_unconfigured(state: &AppState) -> anyhow::Result<i64> {
@@ -459,4 +389,74 @@ pub async fn alert_unconfigured(state: &AppState) -> anyhow::Result<i64> {
         tracing::error!(error = %e.message, waiting = total, "could not tell the fallback address about authorities without endpoints");
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> NaiveDateTime {
+        chrono::NaiveDate::from_ymd_opt(2026, 11, 25)
+            .unwrap()
+            .and_hms_opt(12, 0, 0)
+            .unwrap()
+    }
+
+    fn failed(retry_after: Option<Duration>) -> Sent {
+        Sent {
+            delivered: false,
+            code: Some(500),
+            error: Some("answered 500".into()),
+            retry_after,
+            gone: false,
+        }
+    }
+
+    #[test]
+    fn a_failure_waits_for_the_next_step_of_the_schedule_and_the_last_one_is_dead() {
+        let schedule = [
+            Duration::ZERO,
+            Duration::from_secs(5),
+            Duration::from_secs(300),
+        ];
+        assert_eq!(
+            next_state(&failed(None), 1, &schedule, at(), 0.0),
+            (PENDING, at() + chrono::Duration::seconds(5))
+        );
+        assert_eq!(
+            next_state(&failed(None), 2, &schedule, at(), 0.0),
+            (PENDING, at() + chrono::Duration::seconds(300))
+        );
+        assert_eq!(next_state(&failed(None), 3, &schedule, at(), 0.0).0, DEAD);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_gone_ends_at_once() {
+        let schedule = [
+            Duration::ZERO,
+            Duration::from_secs(5),
+            Duration::from_secs(300),
+        ];
+        let (_, next) = next_state(
+            &failed(Some(Duration::from_secs(120))),
+            1,
+            &schedule,
+            at(),
+            0.0,
+        );
+        assert_eq!(next, at() + chrono::Duration::seconds(120));
+        let gone = Sent {
+            gone: true,
+            ..failed(None)
+        };
+        assert_eq!(next_state(&gone, 1, &schedule, at(), 0.0).0, DEAD);
+        let ok = Sent {
+            delivered: true,
+            code: Some(204),
+            error: None,
+            retry_after: None,
+            gone: false,
+        };
+        assert_eq!(next_state(&ok, 1, &schedule, at(), 0.0).0, DELIVERED);
+    }
 }
