@@ -163,12 +163,19 @@ pub struct VerifyReport {
 /// Walks the whole chain in order, in batches, and reports the first event that does not hold.
 pub fn verify(conn: &mut DbConnection) -> Result<VerifyReport, Error> {
     const BATCH: i64 = 5_000;
-    let (head_seq, head_hash) = audit_head::table
-        .find(1)
-        .select((audit_head::last_seq, audit_head::last_hash))
-        .first::<(i64, String)>(conn)?;
-    let mut expected_seq = 1;
-    let mut expected_prev = GENESIS_HASH.to_string();
+    let (head_seq, head_hash, first_seq, first_prev): (i64, String, i64, String) =
+        audit_head::table
+            .find(1)
+            .select((
+                audit_head::last_seq,
+                audit_head::last_hash,
+                audit_head::first_seq,
+                audit_head::first_prev_hash,
+            ))
+            .first(conn)?;
+    // Events older than the retention period may have been deleted; the chain then starts at `first_seq`.
+    let mut expected_seq = first_seq;
+    let mut expected_prev = first_prev;
     let mut checked = 0;
     loop {
         let batch: Vec<AuditRow> = audit_events::table
@@ -250,6 +257,31 @@ pub fn search(
         .select(AuditRow::as_select())
         .load(conn)?;
     Ok((rows, total))
+}
+
+/// Deletes audit events recorded before `before`, keeping the chain verifiable: the head remembers where the
+/// remaining chain starts and the hash it continues from. Answers how many were deleted.
+pub fn purge_before(conn: &mut DbConnection, before: NaiveDateTime) -> Result<usize, Error> {
+    let cutoff = format_timestamp(before);
+    let last_old: Option<(i64, String)> = audit_events::table
+        .filter(audit_events::at.lt(&cutoff))
+        .order(audit_events::seq.desc())
+        .select((audit_events::seq, audit_events::hash))
+        .first(conn)
+        .optional()?;
+    let Some((seq, hash)) = last_old else {
+        return Ok(0);
+    };
+    lock_audit_head(conn)?;
+    let deleted =
+        diesel::delete(audit_events::table.filter(audit_events::seq.le(seq))).execute(conn)?;
+    diesel::update(audit_head::table.find(1))
+        .set((
+            audit_head::first_seq.eq(seq + 1),
+            audit_head::first_prev_hash.eq(hash),
+        ))
+        .execute(conn)?;
+    Ok(deleted)
 }
 
 #[cfg(test)]

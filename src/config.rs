@@ -42,6 +42,8 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     #[serde(default)]
     pub jobs: JobSettings,
+    #[serde(default)]
+    pub retention: RetentionSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -371,6 +373,28 @@ impl JobSettings {
     }
 }
 
+/// How long personal data is kept (the `purge` job). Audit events are kept apart, for `audit.retention_days`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// CPP and LAC plans without a delete date go this many months after their end date.
+    pub cpp_lac_months_after_end: u32,
+    /// UCPP plans without a delete date go this many days after their end date or expected delivery date.
+    pub ucpp_days_after_end: u32,
+    /// Attendances, recorded accesses and notification contents go this many days after they happened.
+    pub activity_days: u32,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            cpp_lac_months_after_end: 12,
+            ucpp_days_after_end: 28,
+            activity_days: 730,
+        }
+    }
+}
+
 /// Which database the URL names, with what the driver needs to open it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseKind {
@@ -542,6 +566,7 @@ impl Settings {
             webhook: WebhookSettings::default(),
             delivery: DeliverySettings::default(),
             jobs: JobSettings::default(),
+            retention: RetentionSettings::default(),
         };
         s.database.url = SecretString::from(url.to_string());
         s

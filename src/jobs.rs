@@ -41,9 +41,9 @@ pub async fn run_now(state: &AppState, name: &str) -> anyhow::Result<String> {
             &crate::attendances::rematch(state, 1000).await?,
         )?),
         "expire" => Ok(serde_json::to_string(&crate::plans::expire(state).await?)?),
-        "purge" => anyhow::bail!(
-            "purge is not available in this version; personal data is kept until it is"
-        ),
+        "purge" => Ok(serde_json::to_string(
+            &crate::retention::purge(state).await?,
+        )?),
         other => anyhow::bail!("no job is called {other}; jobs are {}", JOBS.join(", ")),
     }
 }

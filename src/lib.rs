@@ -16,5 +16,6 @@ pub mod jobs;
 pub mod mpi;
 pub mod notify;
 pub mod plans;
+pub mod retention;
 pub mod startup;
 pub mod telemetry;

@@ -90,6 +90,8 @@ diesel::table! {
         id -> Integer,
         last_seq -> BigInt,
         last_hash -> Text,
+        first_seq -> BigInt,
+        first_prev_hash -> Text,
     }
 }
 

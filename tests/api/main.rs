@@ -16,4 +16,5 @@ mod notifications;
 mod organisations;
 mod plans;
 mod receiver;
+mod retention;
 mod smtp;

@@ -1,0 +1,223 @@
+//! The retention jobs with a fixed clock: `expire` records ended plans, `purge` removes what is past its
+//! delete date and nothing else, and the audit chain still verifies afterwards.
+
+use crate::helpers::*;
+use chrono::TimeZone;
+use cpis::clock::FixedClock;
+use cpis::startup::AppState;
+use diesel::prelude::*;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+fn at(y: i32, m: u32, d: u32) -> Arc<FixedClock> {
+    Arc::new(FixedClock::new(
+        chrono::Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap(),
+    ))
+}
+
+fn plan(reference: &str, nhs: &str, kind: &str, extra: Value) -> Value {
+    let mut p = json!({"local_reference": reference, "nhs_number": nhs, "plan_type": kind, "start_date": "2024-06-01",
+                       "child": {"given_name": "Test", "family_name": "Child", "birth_date": "2020-01-01"}});
+    for (k, v) in extra.as_object().unwrap() {
+        p[k] = v.clone();
+    }
+    p
+}
+
+fn remaining_references(app: &TestApp) -> Vec<String> {
+    let db = app.db.db();
+    let mut conn = db.get().unwrap();
+    use cpis::db::schema::plans::dsl::*;
+    let mut refs: Vec<String> = plans.select(local_reference).load(&mut *conn).unwrap();
+    refs.sort();
+    refs
+}
+
+fn count_persons(app: &TestApp, nhs: &str) -> i64 {
+    let db = app.db.db();
+    let mut conn = db.get().unwrap();
+    use cpis::db::schema::persons::dsl::*;
+    persons
+        .filter(nhs_number.eq(nhs))
+        .count()
+        .get_result(&mut *conn)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn purge_removes_what_is_past_its_delete_date_and_nothing_else_and_the_audit_still_verifies()
+{
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let (kept_child, gone_child, unborn_mother) = (
+            test_nhs_number(21),
+            test_nhs_number(22),
+            test_nhs_number(23),
+        );
+        let register = |b: Value, key: String| {
+            let app = &app;
+            async move {
+                let r = app.post("/v1/plans", &key, b).await;
+                assert_eq!(r.status, 201, "{r:?}");
+            }
+        };
+        register(
+            plan(
+                "A-ended-long-ago",
+                &kept_child,
+                "CPP",
+                json!({"end_date": "2025-01-31"}),
+            ),
+            w.la.clone(),
+        )
+        .await;
+        register(
+            plan(
+                "B-ended-recently",
+                &test_nhs_number(24),
+                "CPP",
+                json!({"end_date": "2026-06-30"}),
+            ),
+            w.la.clone(),
+        )
+        .await;
+        register(
+            plan("C-open", &test_nhs_number(25), "LAC", json!({})),
+            w.la.clone(),
+        )
+        .await;
+        register(
+            plan(
+                "D-unborn-delivered",
+                &unborn_mother,
+                "UCPP",
+                json!({"expected_delivery_date": "2026-10-01"}),
+            ),
+            w.la.clone(),
+        )
+        .await;
+        register(
+            plan(
+                "E-own-delete-date",
+                &test_nhs_number(26),
+                "LAC",
+                json!({"end_date": "2026-10-01", "delete_date": "2026-11-01"}),
+            ),
+            w.la.clone(),
+        )
+        .await;
+        register(
+            plan("F-other-authority-open", &kept_child, "CPP", json!({})),
+            w.other_la.clone(),
+        )
+        .await;
+        register(
+            plan(
+                "G-only-plan-ended",
+                &gone_child,
+                "CPP",
+                json!({"end_date": "2025-01-01"}),
+            ),
+            w.la.clone(),
+        )
+        .await;
+        // An access of each child before the purge.
+        for nhs in [&kept_child, &gone_child] {
+            app.post(
+                "/v1/flag-checks",
+                &w.care,
+                json!({"patient": {"nhs_number": nhs}}),
+            )
+            .await;
+        }
+
+        let mut settings = app.db.settings();
+        settings.jobs = Default::default();
+        let state = AppState::new(settings, at(2026, 12, 1)).unwrap();
+        let expired = cpis::jobs::run_now(&state, "expire").await.unwrap();
+        assert!(expired.contains("\"ended\":4"), "{expired}");
+        let report = cpis::jobs::run_now(&state, "purge").await.unwrap();
+        let report: Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(report["plans"], 4, "{report}");
+
+        assert_eq!(
+            remaining_references(&app),
+            ["B-ended-recently", "C-open", "F-other-authority-open"]
+        );
+        assert_eq!(
+            count_persons(&app, &gone_child),
+            0,
+            "a person with no plan left is removed"
+        );
+        assert_eq!(count_persons(&app, &unborn_mother), 0);
+        assert_eq!(
+            count_persons(&app, &kept_child),
+            1,
+            "a person with another authority's plan stays"
+        );
+        let kept = app
+            .post(
+                "/v1/flag-checks",
+                &w.care,
+                json!({"patient": {"nhs_number": kept_child}}),
+            )
+            .await;
+        assert_eq!(
+            kept.body["recent_accesses"].as_array().unwrap().len(),
+            1,
+            "their accesses stay"
+        );
+        let gone = app
+            .post(
+                "/v1/flag-checks",
+                &w.care,
+                json!({"patient": {"nhs_number": gone_child}}),
+            )
+            .await;
+        assert_eq!(gone.body["match"]["status"], "none");
+        assert_eq!(gone.body["flags"], json!([]));
+
+        let verify = app.get("/v1/audit/verify", &w.auditor).await;
+        assert_eq!(verify.body["ok"], true, "{verify:?}");
+        // A second run finds nothing more to do.
+        let again: Value =
+            serde_json::from_str(&cpis::jobs::run_now(&state, "purge").await.unwrap()).unwrap();
+        assert_eq!(again["plans"], 0);
+    }
+}
+
+#[tokio::test]
+async fn audit_events_past_their_retention_go_and_the_rest_of_the_chain_still_verifies() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        app.post("/v1/plans", &w.la, cpp_plan("X-1", "9434765919"))
+            .await;
+        let before = app.get("/v1/audit/verify", &w.auditor).await.body["checked"]
+            .as_i64()
+            .unwrap();
+        let mut settings = app.db.settings();
+        settings.audit.retention_days = 365;
+        let state = AppState::new(settings, at(2028, 12, 1)).unwrap();
+        let report: Value =
+            serde_json::from_str(&cpis::jobs::run_now(&state, "purge").await.unwrap()).unwrap();
+        assert_eq!(report["audit_events"], before, "{report}");
+        let verify = app.get("/v1/audit/verify", &w.auditor).await;
+        assert_eq!(verify.body["ok"], true, "{verify:?}");
+        assert_eq!(
+            verify.body["checked"], 1,
+            "only the purge's own event remains"
+        );
+        // Tampering is still caught after a purge.
+        let db = app.db.db();
+        let mut conn = db.get().unwrap();
+        use diesel::connection::SimpleConnection;
+        conn.batch_execute("UPDATE audit_events SET outcome = 'changed'")
+            .unwrap();
+        assert_eq!(
+            app.get("/v1/audit/verify", &w.auditor).await.body["ok"],
+            false
+        );
+    }
+}
