@@ -113,7 +113,15 @@ async fn run_tick(state: Arc<AppState>, name: &'static str, tick: DateTime<Utc>)
             let state = state.clone();
             async move { run_now(&state, name).await }.in_current_span()
         });
-        match handle.await {
+        let result = handle.await;
+        let label = match &result {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "panic",
+        };
+        state.metrics.job_runs.with_label_values(&[name, label]).inc();
+        state.metrics.job_seconds.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(Ok(report)) => {
                 if name != "deliver" || !report.contains("\"claimed\":0") {
                     tracing::info!(report = %report, ms = started.elapsed().as_millis() as u64, "job finished");

@@ -13,6 +13,7 @@ pub mod domain;
 pub mod error;
 pub mod flags;
 pub mod jobs;
+pub mod metrics;
 pub mod mpi;
 pub mod notify;
 pub mod plans;

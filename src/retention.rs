@@ -176,6 +176,21 @@ pub async fn purge(state: &AppState) -> anyhow::Result<PurgeReport> {
             purge_in(conn, now, today, &retention, audit_before).map_err(DbError::from)
         })
         .await?;
+    for (kind, n) in [
+        ("plans", report.plans),
+        ("persons", report.persons),
+        ("identifier_links", report.identifier_links),
+        ("attendances", report.attendances),
+        ("accesses", report.accesses),
+        ("notifications_cleared", report.notifications_cleared),
+        ("audit_events", report.audit_events),
+    ] {
+        state
+            .metrics
+            .purged
+            .with_label_values(&[kind])
+            .inc_by(n as u64);
+    }
     tracing::info!(
         plans = report.plans,
         persons = report.persons,

@@ -22,6 +22,7 @@ pub struct AppState {
     pub deliver_wakeup: Arc<tokio::sync::Notify>,
     /// Names this process in delivery leases.
     pub instance_id: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -57,6 +58,7 @@ impl AppState {
             },
             deliver_wakeup: Arc::new(tokio::sync::Notify::new()),
             instance_id: uuid::Uuid::new_v4().to_string(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         })
     }
 

@@ -75,6 +75,30 @@ pub async fn request_span(
             span.record("route", route.as_str());
         }
         span.record("status", res.status().as_u16());
+        if let Some(state) = res
+            .request()
+            .app_data::<actix_web::web::Data<crate::startup::AppState>>()
+        {
+            let route = res
+                .request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".into());
+            let elapsed = started.elapsed().as_secs_f64();
+            state
+                .metrics
+                .requests
+                .with_label_values(&[
+                    route.as_str(),
+                    res.request().method().as_str(),
+                    res.status().as_str(),
+                ])
+                .inc();
+            state
+                .metrics
+                .request_seconds
+                .with_label_values(&[route.as_str()])
+                .observe(elapsed);
+        }
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             res.headers_mut()
                 .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);

@@ -123,7 +123,14 @@ pub async fn create(
     }
 
     let resolution = match state.mpi.resolve(&patient).await {
-        Ok(r) => Some(r),
+        Ok(r) => {
+            state
+                .metrics
+                .matches
+                .with_label_values(&[r.status.as_str(), r.method.as_str()])
+                .inc();
+            Some(r)
+        }
         Err(MpiError::Unavailable(why)) => {
             tracing::warn!(reason = %why, "MPI unavailable; attendance stored for re-matching");
             None

@@ -126,6 +126,12 @@ pub async fn check(
         .resolve(&check.patient)
         .await
         .map_err(mpi_unavailable)?;
+    state
+        .metrics
+        .matches
+        .with_label_values(&[resolution.status.as_str(), resolution.method.as_str()])
+        .inc();
+    let access_label = check.access.as_str();
     let actor = principal
         .actor(role)
         .with_practitioner(check.practitioner.clone());
@@ -133,7 +139,7 @@ pub async fn check(
     let key_id = principal.key_id.clone();
     let delivery = state.settings.delivery.clone();
     let base = state.settings.server.public_base_url.clone();
-    let (json, notified) = state
+    let (json, notified, outcome) = state
         .db
         .write(move |conn| {
             let view = flags::view(conn, &resolution, today, None)?;
@@ -211,11 +217,16 @@ pub async fn check(
                 })
                 .collect();
             let answer = json!({"match": flags::match_json(&resolution), "flags": view.flags, "recent_accesses": recent});
-            Ok::<_, ApiError>((answer, !notified.is_empty()))
+            Ok::<_, ApiError>((answer, !notified.is_empty(), outcome))
         })
         .await?;
     if notified {
         state.wake_deliverer();
     }
+    state
+        .metrics
+        .checks
+        .with_label_values(&[outcome, access_label])
+        .inc();
     Ok(HttpResponse::Ok().json(json))
 }

@@ -26,3 +26,34 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         ))
     }
 }
+
+/// Prometheus text exposition; notifications by state are counted at scrape time.
+pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    use crate::db::schema::notifications;
+    use diesel::prelude::*;
+    let counts = state
+        .db
+        .run(|conn| {
+            notifications::table
+                .group_by(notifications::status)
+                .select((notifications::status, diesel::dsl::count_star()))
+                .load::<(String, i64)>(conn)
+                .map_err(ApiError::from)
+        })
+        .await?;
+    for s in [
+        crate::notify::PENDING,
+        crate::notify::DELIVERED,
+        crate::notify::DEAD,
+    ] {
+        let n = counts
+            .iter()
+            .find(|(k, _)| k == s)
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
+        state.metrics.notifications.with_label_values(&[s]).set(n);
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render()))
+}

@@ -40,6 +40,7 @@ pub fn parse_organisation(
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/health/live").get(health::live))
         .service(web::resource("/health/ready").get(health::ready))
+        .service(web::resource("/metrics").get(health::metrics))
         .service(
             web::scope("/v1")
                 .wrap(from_fn(auth::authenticate))

@@ -258,6 +258,21 @@ async fn record(
     if let Some(e) = &sent.error {
         tracing::warn!(notification = %n.id, channel = %d.channel, attempt = attempts, status, code = ?sent.code, error = %e, "delivery attempt failed");
     }
+    let outcome_label = if sent.delivered {
+        "delivered"
+    } else {
+        "failed"
+    };
+    state
+        .metrics
+        .delivery_attempts
+        .with_label_values(&[d.channel.as_str(), outcome_label])
+        .inc();
+    state
+        .metrics
+        .delivery_seconds
+        .with_label_values(&[d.channel.as_str()])
+        .observe(elapsed.as_secs_f64());
     let outcome = state
         .db
         .write(move |conn| {

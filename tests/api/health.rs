@@ -50,3 +50,60 @@ async fn every_response_carries_a_request_id_and_a_callers_own_id_is_kept() {
     let id = res.headers()["x-request-id"].to_str().unwrap();
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
 }
+
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_change_as_requests_are_made() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        app.post("/v1/plans", &w.la, cpp_plan("M-1", "9434765919"))
+            .await;
+        let scrape = || async {
+            app.client
+                .get(format!("{}/metrics", app.address))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        };
+        let before = scrape().await;
+        app.post(
+            "/v1/flag-checks",
+            &w.care,
+            serde_json::json!({"patient": {"nhs_number": "9434765919"}}),
+        )
+        .await;
+        app.post(
+            "/v1/flag-checks",
+            &w.care,
+            serde_json::json!({"patient": {"nhs_number": "9990000018"}}),
+        )
+        .await;
+        let after = scrape().await;
+        let hits = r#"cpis_flag_checks_total{access="unscheduled",outcome="hit"}"#;
+        let misses = r#"cpis_flag_checks_total{access="unscheduled",outcome="miss"}"#;
+        assert_eq!(sample(&after, hits) - sample(&before, hits), 1.0, "{after}");
+        assert_eq!(sample(&after, misses) - sample(&before, misses), 1.0);
+        let route =
+            r#"cpis_http_requests_total{method="POST",route="/v1/flag-checks",status="200"}"#;
+        assert_eq!(sample(&after, route) - sample(&before, route), 2.0);
+        assert!(
+            after.contains(r#"cpis_http_request_duration_seconds_bucket{route="/v1/flag-checks""#)
+        );
+        assert!(after.contains(r#"cpis_mpi_matches_total{method="nhs_number",status="matched"}"#));
+        assert!(
+            after.contains(r#"cpis_notifications{state="pending"} 1"#),
+            "the hit wrote one notification: {after}"
+        );
+        assert!(!after.contains("9434765919"));
+    }
+}
