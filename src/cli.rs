@@ -43,6 +43,19 @@ pub enum Command {
     /// Scheduled jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Protection plans.
+    #[command(subcommand)]
+    Plans(PlansCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlansCommand {
+    /// Import a CSV file of plans for a local authority (the same format as POST /v1/plans/bulk).
+    Import {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        org: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +230,78 @@ fn run_blocking(command: Command, settings: Settings) -> anyhow::Result<()> {
             db.write_blocking(|conn| crate::api::revoke_key(conn, now, &Actor::cli(), &id))
                 .map_err(api_error)?;
             writeln!(out, "revoked key {id}")?;
+        }
+        Command::Plans(PlansCommand::Import { file, org }) => {
+            let db = open_db(&settings)?;
+            let org = OdsCode::parse(&org).map_err(|e| anyhow::anyhow!("--org {e}"))?;
+            {
+                let mut conn = db.get()?;
+                if crate::db::models::Organisation::find(&mut conn, org.as_str())?.is_none() {
+                    anyhow::bail!(
+                        "no organisation has the ODS code {org}; add it with `cpis orgs add`"
+                    );
+                }
+            }
+            let size = std::fs::metadata(&file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .len();
+            if size as usize > crate::bulk::MAX_BYTES {
+                anyhow::bail!(
+                    "{} is larger than {} bytes; split it",
+                    file.display(),
+                    crate::bulk::MAX_BYTES
+                );
+            }
+            let lines = {
+                use std::io::BufRead;
+                std::io::BufReader::new(std::fs::File::open(&file)?)
+                    .split(b'\n')
+                    .count()
+                    .saturating_sub(1)
+            };
+            let bar = indicatif::ProgressBar::new(lines as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} rows {per_sec} {eta}",
+                )
+                .expect("valid template"),
+            );
+            let input = std::io::BufReader::new(std::fs::File::open(&file)?);
+            let now = clock.now_naive();
+            let result = crate::bulk::import_file(
+                &db,
+                now,
+                clock.today(),
+                &Actor::cli(),
+                org.as_str(),
+                input,
+                |row| {
+                    if row % 256 == 0 {
+                        bar.set_position(row as u64);
+                    }
+                },
+            )?;
+            bar.finish_and_clear();
+            for r in result.rows.iter().filter(|r| r.code != "CPR06") {
+                writeln!(
+                    out,
+                    "row {} ({}): {} {}",
+                    r.row,
+                    r.local_reference.as_deref().unwrap_or("-"),
+                    r.code,
+                    r.reasons.join("; ")
+                )?;
+            }
+            writeln!(
+                out,
+                "{}: {} accepted, {} rejected{}",
+                result.file_code,
+                result.accepted,
+                result.rejected,
+                result.detail.map(|d| format!(" ({d})")).unwrap_or_default()
+            )?;
+            if result.file_code == "CPF01" {
+                anyhow::bail!("the file is corrupt; nothing was imported");
+            }
         }
         Command::Keys(KeysCommand::List) => {
             let db = open_db(&settings)?;

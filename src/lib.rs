@@ -5,6 +5,7 @@ pub mod api;
 pub mod attendances;
 pub mod audit;
 pub mod auth;
+pub mod bulk;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -58,6 +58,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 )
                 .service(web::resource("/plans").post(plans::register))
                 .service(web::resource("/plans/search").post(plans::search))
+                .service(web::resource("/plans/bulk").post(plans::bulk))
                 .service(
                     web::resource("/plans/{id}")
                         .get(plans::read)

@@ -397,3 +397,91 @@ pub async fn search(
         .await?;
     Ok(HttpResponse::Ok().json(json))
 }
+
+/// `POST /v1/plans/bulk`: a CSV file of plans. The body is spooled to a temporary file (at most 50 MB) and
+/// imported as a stream in one transaction; the answer has the file code and one code per row.
+pub async fn bulk(
+    principal: Principal,
+    state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    use futures_util::StreamExt;
+    use std::io::{Seek, Write};
+    let role = principal.require(&[Role::SocialCare])?;
+    let csv = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            matches!(
+                m.trim().to_ascii_lowercase().as_str(),
+                "text/csv" | "application/csv"
+            )
+        });
+    if !csv {
+        return Err(ApiError::UnsupportedMediaType(
+            "send the file as text/csv".into(),
+        ));
+    }
+    let limit = crate::bulk::MAX_BYTES;
+    if super::declared_length(&req).is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "a plan file must be at most {limit} bytes"
+        )));
+    }
+    let mut file = tempfile::tempfile().map_err(ApiError::internal)?;
+    let mut size = 0;
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("the file could not be read: {e}")))?;
+        size += chunk.len();
+        if size > limit {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "a plan file must be at most {limit} bytes"
+            )));
+        }
+        file.write_all(&chunk).map_err(ApiError::internal)?;
+    }
+    file.rewind().map_err(ApiError::internal)?;
+    let actor = principal.actor(role);
+    let la = principal.org.clone();
+    let now = state.clock.now_naive();
+    let today = state.clock.today();
+    let db = state.db.clone();
+    let span = tracing::Span::current();
+    let result = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| {
+            crate::bulk::import_file(
+                &db,
+                now,
+                today,
+                &actor,
+                &la,
+                std::io::BufReader::new(file),
+                |_| {},
+            )
+        })
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    tracing::info!(
+        file_code = result.file_code,
+        accepted = result.accepted,
+        rejected = result.rejected,
+        "plan file imported"
+    );
+    if result.file_code == "CPF01" {
+        return Ok(HttpResponse::UnprocessableEntity()
+            .content_type("application/problem+json")
+            .json(json!({
+                "type": "/problems/corrupt-file",
+                "title": "Corrupt file",
+                "status": 422,
+                "detail": result.detail,
+                "file_code": "CPF01",
+            })));
+    }
+    Ok(HttpResponse::Ok().json(result))
+}

@@ -5,6 +5,7 @@ mod helpers;
 
 mod audit;
 mod auth;
+mod bulk;
 mod delivery_processes;
 mod errors;
 mod flag_checks;

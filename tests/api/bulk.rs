@@ -1,0 +1,271 @@
+//! Bulk plan files: each row gets its CP-IS code, the file gets its code, a resent file changes nothing, and a
+//! corrupt file changes nothing at all.
+
+use crate::helpers::*;
+use serde_json::Value;
+
+const HEADER: &str = "local_reference,nhs_number,plan_type,start_date,end_date,expected_delivery_date,given_name,family_name,birth_date,sex,postcode";
+
+fn file(rows: &[String]) -> Vec<u8> {
+    let mut f = String::from(HEADER);
+    f.push('\n');
+    for r in rows {
+        f.push_str(r);
+        f.push('\n');
+    }
+    f.into_bytes()
+}
+
+fn mixed() -> Vec<u8> {
+    file(&[
+        format!(
+            "GOOD-1,{},CPP,2026-01-10,,,Amelia,Smith,2019-03-04,female,B1 1AA",
+            test_nhs_number(31)
+        ),
+        "BAD-NHS,9434765918,CPP,2026-01-10,,,,,,,".to_string(),
+        format!("UCPP-NO-EDD,{},UCPP,2026-02-01,,,,,,,", test_nhs_number(32)),
+        format!(
+            "END-BEFORE-START,{},LAC,2026-03-01,2026-02-01,,,,,,",
+            test_nhs_number(33)
+        ),
+        format!("BAD-TYPE,{},CP,2026-03-01,,,,,,,", test_nhs_number(34)),
+        format!("GOOD-1,{},LAC,2026-03-01,,,,,,,", test_nhs_number(35)),
+        format!(
+            "GOOD-2,{},UCPP,2026-04-01,,2026-12-31,,,,,",
+            test_nhs_number(36)
+        ),
+    ])
+}
+
+fn codes(body: &Value) -> Vec<(String, String)> {
+    body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["local_reference"].as_str().unwrap_or("-").to_string(),
+                r["code"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn reasons(body: &Value, row: usize) -> String {
+    body["rows"][row - 1]["reasons"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| r.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_file_mixing_good_and_bad_rows_gets_exactly_the_right_codes() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let resp = app
+            .post_raw("/v1/plans/bulk", &w.la, "text/csv", mixed())
+            .await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.body["file_code"], "CPF03");
+        assert_eq!(
+            (
+                resp.body["accepted"].as_u64(),
+                resp.body["rejected"].as_u64()
+            ),
+            (Some(2), Some(5))
+        );
+        let expected: Vec<(String, String)> = [
+            ("GOOD-1", "CPR06"),
+            ("BAD-NHS", "CPR07"),
+            ("UCPP-NO-EDD", "CPR07"),
+            ("END-BEFORE-START", "CPR07"),
+            ("BAD-TYPE", "CPR07"),
+            ("GOOD-1", "CPR07"),
+            ("GOOD-2", "CPR06"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        assert_eq!(codes(&resp.body), expected);
+        assert!(
+            reasons(&resp.body, 2).starts_with("nhs_number:"),
+            "{}",
+            reasons(&resp.body, 2)
+        );
+        assert!(reasons(&resp.body, 3).starts_with("expected_delivery_date:"));
+        assert!(reasons(&resp.body, 4).starts_with("end_date:"));
+        assert!(reasons(&resp.body, 5).starts_with("plan_type:"));
+        assert!(
+            reasons(&resp.body, 6).contains("row 1"),
+            "{}",
+            reasons(&resp.body, 6)
+        );
+        let stored = app
+            .post("/v1/plans/search", &w.la, serde_json::json!({}))
+            .await;
+        assert_eq!(stored.body["total"], 2);
+        // The registered child can be checked at once.
+        let check = app
+            .post(
+                "/v1/flag-checks",
+                &w.care,
+                serde_json::json!({"patient": {"nhs_number": test_nhs_number(31)}}),
+            )
+            .await;
+        assert_eq!(check.body["flags"][0]["plan_type"], "CPP");
+    }
+}
+
+#[tokio::test]
+async fn resending_the_same_file_changes_nothing() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let first = app
+            .post_raw("/v1/plans/bulk", &w.la, "text/csv", mixed())
+            .await;
+        let before = app
+            .post("/v1/plans/search", &w.la, serde_json::json!({}))
+            .await;
+        let again = app
+            .post_raw("/v1/plans/bulk", &w.la, "text/csv; charset=utf-8", mixed())
+            .await;
+        assert_eq!(codes(&again.body), codes(&first.body));
+        let outcomes: Vec<&str> = again.body["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["outcome"].as_str())
+            .collect();
+        assert_eq!(outcomes, ["unchanged", "unchanged"]);
+        let after = app
+            .post("/v1/plans/search", &w.la, serde_json::json!({}))
+            .await;
+        assert_eq!(
+            after.body["items"], before.body["items"],
+            "same plans, same versions, same timestamps"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_file_gets_cpf01_and_changes_nothing() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let mut latin1 = file(&[format!(
+            "OK-FIRST,{},CPP,2026-01-10,,,,,,,",
+            test_nhs_number(41)
+        )]);
+        latin1.extend_from_slice(b"BAD-ENC,9434765919,CPP,2026-01-10,,,Ren\xe9e,M\xfcller,,,\n");
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("not CSV", b"{\"plans\": [1, 2, 3]}".to_vec()),
+            (
+                "binary",
+                vec![0x89, b'P', b'N', b'G', 0, 0, 0xff, 0xfe, b'\n', 1, 2, 3],
+            ),
+            (
+                "wrong header",
+                b"ref,nhs,type,start\nA,9434765919,CPP,2026-01-10\n".to_vec(),
+            ),
+            (
+                "missing column",
+                b"local_reference,nhs_number,plan_type\nA,9434765919,CPP\n".to_vec(),
+            ),
+            ("wrong encoding after a good row", latin1),
+            ("header only", format!("{HEADER}\n").into_bytes()),
+            ("empty", Vec::new()),
+        ];
+        for (what, body) in cases {
+            let resp = app
+                .post_raw("/v1/plans/bulk", &w.la, "text/csv", body)
+                .await;
+            resp.problem(422);
+            assert_eq!(resp.body["file_code"], "CPF01", "{what}: {resp:?}");
+        }
+        assert_eq!(
+            app.post("/v1/plans/search", &w.la, serde_json::json!({}))
+                .await
+                .body["total"],
+            0,
+            "nothing changed"
+        );
+        let verify = app.get("/v1/audit/verify", &w.auditor).await;
+        assert_eq!(verify.body["ok"], true);
+    }
+}
+
+#[tokio::test]
+async fn all_good_is_cpf02_all_bad_is_cpf04_and_only_social_care_sends_csv() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let w = app.world().await;
+    let good = file(&[
+        format!("G-1,{},CPP,2026-01-10,,,,,,,", test_nhs_number(51)),
+        format!("G-2,{},LAC,2026-01-10,,,,,,,", test_nhs_number(52)),
+    ]);
+    assert_eq!(
+        app.post_raw("/v1/plans/bulk", &w.la, "text/csv", good.clone())
+            .await
+            .body["file_code"],
+        "CPF02"
+    );
+    let bad = file(&["B-1,123,CPP,2026-01-10,,,,,,,".to_string()]);
+    assert_eq!(
+        app.post_raw("/v1/plans/bulk", &w.la, "text/csv", bad)
+            .await
+            .body["file_code"],
+        "CPF04"
+    );
+    app.post_raw("/v1/plans/bulk", &w.la, "application/json", good.clone())
+        .await
+        .problem(415);
+    app.post_raw("/v1/plans/bulk", &w.care, "text/csv", good)
+        .await
+        .problem(403);
+}
+
+#[tokio::test]
+async fn the_cli_imports_the_same_format() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plans.csv");
+        std::fs::write(&path, mixed()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cpis"))
+            .args([
+                "plans",
+                "import",
+                path.to_str().unwrap(),
+                "--org",
+                "E08000025",
+            ])
+            .env("CPIS_CONFIG_DIR", "/nonexistent")
+            .env("CPIS__DATABASE__URL", &app.db.url)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("CPF03: 2 accepted, 5 rejected"), "{stdout}");
+        assert!(
+            stdout.contains("row 2 (BAD-NHS): CPR07 nhs_number"),
+            "{stdout}"
+        );
+        assert_eq!(
+            app.post("/v1/plans/search", &w.la, serde_json::json!({}))
+                .await
+                .body["total"],
+            2
+        );
+    }
+}
