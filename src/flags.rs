@@ -23,6 +23,9 @@ pub struct FlagView {
     pub flags: Vec<Value>,
     /// Active plans that apply, for notifications.
     pub active_plans: Vec<PlanRow>,
+    /// Every plan that applies (matched only), with the authorities responsible, for other renderings (FHIR).
+    pub plans: Vec<PlanRow>,
+    pub authorities: Vec<crate::db::models::Organisation>,
 }
 
 /// An unborn child protection plan is held against the mother: it applies to her attendances at a maternity
@@ -78,6 +81,8 @@ pub fn view(
                 nhs_number: Some(nhs),
                 flags,
                 active_plans: active,
+                plans,
+                authorities: orgs,
             })
         }
         MatchStatus::Possible => {
@@ -99,6 +104,8 @@ pub fn view(
                 nhs_number: Some(nhs),
                 flags,
                 active_plans: active,
+                plans: Vec::new(),
+                authorities: orgs,
             })
         }
         MatchStatus::None => Ok(FlagView::default()),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod fhir;
 pub mod flags;
 pub mod jobs;
 pub mod metrics;

@@ -38,14 +38,17 @@ pub struct CheckBody {
     setting_type: Option<String>,
 }
 
-struct Check {
-    patient: PatientQuery,
-    access: AccessKind,
-    practitioner: Option<String>,
-    practitioner_name: Option<String>,
-    practitioner_role: Option<String>,
-    setting_ods: String,
-    setting_type: Option<SettingType>,
+/// A checked flag-check request, whichever API it came through.
+pub struct CheckRequest {
+    pub patient: PatientQuery,
+    pub access: AccessKind,
+    pub practitioner: Option<String>,
+    pub practitioner_name: Option<String>,
+    pub practitioner_role: Option<String>,
+    pub setting_ods: String,
+    pub setting_type: Option<SettingType>,
+    /// The audit action: `flag_check`, or the FHIR search that carried it.
+    pub action: &'static str,
 }
 
 pub fn short_text(max: usize) -> impl Fn(String) -> Result<String, String> {
@@ -74,7 +77,7 @@ fn parse_check(
     body: CheckBody,
     principal: &Principal,
     today: chrono::NaiveDate,
-) -> Result<Check, ApiError> {
+) -> Result<CheckRequest, ApiError> {
     let mut v = Validator::default();
     let patient = parse_patient(&mut v, body.patient, today, principal.region.clone());
     let access = v
@@ -98,7 +101,8 @@ fn parse_check(
         (None, Some(r)) => Some(format!("({r})")),
         (None, None) => None,
     };
-    Ok(Check {
+    Ok(CheckRequest {
+        action: "flag_check",
         patient: patient.expect("validated"),
         access,
         practitioner,
@@ -113,14 +117,22 @@ pub fn mpi_unavailable(e: MpiError) -> ApiError {
     ApiError::Unavailable(format!("{e}; an NHS number can still be checked"))
 }
 
-pub async fn check(
-    principal: Principal,
-    state: web::Data<AppState>,
-    body: ApiJson<CheckBody>,
-) -> Result<HttpResponse, ApiError> {
-    let role = principal.require(&[Role::CareSetting])?;
+/// What a check found, for whichever API asked.
+pub struct Checked {
+    pub resolution: crate::mpi::Resolution,
+    pub view: flags::FlagView,
+    pub recent: Vec<crate::db::models::RecentAccess>,
+}
+
+/// A flag check: resolves the patient, records the access (and notifies) when an unscheduled check hits, and
+/// audits it whatever it found. Shared by `POST /v1/flag-checks` and the FHIR `CareTeam` search.
+pub async fn perform(
+    state: &AppState,
+    principal: &Principal,
+    role: Role,
+    check: CheckRequest,
+) -> Result<Checked, ApiError> {
     let today = state.clock.today();
-    let check = parse_check(body.0, &principal, today)?;
     let resolution = state
         .mpi
         .resolve(&check.patient)
@@ -139,7 +151,7 @@ pub async fn check(
     let key_id = principal.key_id.clone();
     let delivery = state.settings.delivery.clone();
     let base = state.settings.server.public_base_url.clone();
-    let (json, notified, outcome) = state
+    let (checked, notified, outcome) = state
         .db
         .write(move |conn| {
             let view = flags::view(conn, &resolution, today, None)?;
@@ -150,23 +162,28 @@ pub async fn check(
                 _ => Vec::new(),
             };
             if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
-                AccessRow::insert(conn, &AccessRow {
-                    id: uuid::Uuid::new_v4().to_string(),
-                    nhs_number: nhs.clone(),
-                    at: now,
-                    setting_ods: check.setting_ods.clone(),
-                    setting_type: check.setting_type.map(|t| t.as_str().to_string()),
-                    kind: "check".into(),
-                    access: check.access.as_str().into(),
-                    practitioner_name: check.practitioner_name.clone(),
-                    practitioner_role: check.practitioner_role.clone(),
-                    key_id: Some(key_id),
-                })?;
+                AccessRow::insert(
+                    conn,
+                    &AccessRow {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        nhs_number: nhs.clone(),
+                        at: now,
+                        setting_ods: check.setting_ods.clone(),
+                        setting_type: check.setting_type.map(|t| t.as_str().to_string()),
+                        kind: "check".into(),
+                        access: check.access.as_str().into(),
+                        practitioner_name: check.practitioner_name.clone(),
+                        practitioner_role: check.practitioner_role.clone(),
+                        key_id: Some(key_id),
+                    },
+                )?;
             }
             // An unscheduled check of a flagged child is told to the responsible authorities; a scheduled one is
             // a silent read.
             let mut notified = Vec::new();
-            if let (true, AccessKind::Unscheduled, Some(nhs)) = (view.hit, check.access, &view.nhs_number) {
+            if let (true, AccessKind::Unscheduled, Some(nhs)) =
+                (view.hit, check.access, &view.nhs_number)
+            {
                 let setting_name = Organisation::find(conn, &check.setting_ods)?.map(|o| o.name);
                 notified = notify::enqueue(
                     conn,
@@ -188,36 +205,46 @@ pub async fn check(
                     },
                 )?;
             }
-            let audited_nhs = view.nhs_number.as_deref().or(check.patient.nhs_number.as_ref().map(|n| n.as_str()));
+            let audited_nhs = view.nhs_number.as_deref().or(check
+                .patient
+                .nhs_number
+                .as_ref()
+                .map(|n| n.as_str()));
             let outcome = match resolution.status {
                 MatchStatus::Matched if view.hit => "hit",
                 MatchStatus::Possible if !view.flags.is_empty() => "possible_hit",
                 _ => "miss",
             };
-            audit::append(conn, now, &actor, Event {
-                action: "flag_check",
-                nhs_number: audited_nhs,
+            audit::append(
+                conn,
+                now,
+                &actor,
+                Event {
+                    action: check.action,
+                    nhs_number: audited_nhs,
+                    outcome,
+                    detail: Some(
+                        json!({
+                            "access": check.access.as_str(),
+                            "setting_ods": check.setting_ods,
+                            "match": resolution.status.as_str(),
+                            "method": resolution.method.as_str(),
+                            "score": resolution.score,
+                        })
+                        .to_string(),
+                    ),
+                    ..Default::default()
+                },
+            )?;
+            Ok::<_, ApiError>((
+                Checked {
+                    resolution,
+                    view,
+                    recent,
+                },
+                !notified.is_empty(),
                 outcome,
-                detail: Some(
-                    json!({
-                        "access": check.access.as_str(),
-                        "setting_ods": check.setting_ods,
-                        "match": resolution.status.as_str(),
-                        "method": resolution.method.as_str(),
-                        "score": resolution.score,
-                    })
-                    .to_string(),
-                ),
-                ..Default::default()
-            })?;
-            let recent: Vec<Value> = recent
-                .into_iter()
-                .map(|a| {
-                    json!({"at": format_timestamp(a.at), "setting_ods": a.setting_ods, "setting_name": a.setting_name, "setting_type": a.setting_type})
-                })
-                .collect();
-            let answer = json!({"match": flags::match_json(&resolution), "flags": view.flags, "recent_accesses": recent});
-            Ok::<_, ApiError>((answer, !notified.is_empty(), outcome))
+            ))
         })
         .await?;
     if notified {
@@ -228,5 +255,24 @@ pub async fn check(
         .checks
         .with_label_values(&[outcome, access_label])
         .inc();
-    Ok(HttpResponse::Ok().json(json))
+    Ok(checked)
+}
+
+pub async fn check(
+    principal: Principal,
+    state: web::Data<AppState>,
+    body: ApiJson<CheckBody>,
+) -> Result<HttpResponse, ApiError> {
+    let role = principal.require(&[Role::CareSetting])?;
+    let check = parse_check(body.0, &principal, state.clock.today())?;
+    let Checked {
+        resolution,
+        view,
+        recent,
+    } = perform(&state, &principal, role, check).await?;
+    let recent: Vec<Value> = recent
+        .into_iter()
+        .map(|a| json!({"at": format_timestamp(a.at), "setting_ods": a.setting_ods, "setting_name": a.setting_name, "setting_type": a.setting_type}))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"match": flags::match_json(&resolution), "flags": view.flags, "recent_accesses": recent})))
 }

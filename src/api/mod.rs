@@ -3,7 +3,7 @@
 
 mod attendances;
 mod audit;
-mod flag_checks;
+pub(crate) mod flag_checks;
 mod health;
 mod keys;
 mod mpi;
@@ -41,6 +41,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/health/live").get(health::live))
         .service(web::resource("/health/ready").get(health::ready))
         .service(web::resource("/metrics").get(health::metrics))
+        .configure(crate::fhir::configure)
         .service(
             web::scope("/v1")
                 .wrap(from_fn(auth::authenticate))

@@ -260,6 +260,9 @@ pub struct AccessRow {
 /// A recent access with the setting's name, as a clinician sees it.
 #[derive(Debug, Clone, Queryable)]
 pub struct RecentAccess {
+    pub id: String,
+    /// `check` or `attendance`.
+    pub kind: String,
     pub at: NaiveDateTime,
     pub setting_ods: String,
     pub setting_name: Option<String>,
@@ -287,6 +290,8 @@ impl AccessRow {
             .order((accesses::at.desc(), accesses::id.desc()))
             .limit(limit)
             .select((
+                accesses::id,
+                accesses::kind,
                 accesses::at,
                 accesses::setting_ods,
                 organisations::name.nullable(),

@@ -8,6 +8,7 @@ mod auth;
 mod bulk;
 mod delivery_processes;
 mod errors;
+mod fhir;
 mod flag_checks;
 mod health;
 mod identity;
