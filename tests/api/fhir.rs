@@ -7,9 +7,8 @@ use serde_json::{json, Value};
 use std::process::{Command, Stdio};
 
 const NHS_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
-/// fhir.resources 6.5 models FHIR R4 (4.0.1); it needs pydantic 1.
-
-/// Validates resources with `fhir.resources` (installed on first use into the test's scratch folder).
+/// Validates resources with `fhir.resources` 6.5 (FHIR R4 4.0.1, on pydantic 1), installed on first use into the
+/// test's scratch folder.
 fn validate_fhir(resources: &[Value]) {
     let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fhir-py");
     let python = || {
