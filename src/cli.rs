@@ -46,6 +46,8 @@ pub enum Command {
     /// Protection plans.
     #[command(subcommand)]
     Plans(PlansCommand),
+    /// Load a small synthetic data set and print keys and curl commands to try every endpoint.
+    Demo,
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,6 +304,10 @@ fn run_blocking(command: Command, settings: Settings) -> anyhow::Result<()> {
             if result.file_code == "CPF01" {
                 anyhow::bail!("the file is corrupt; nothing was imported");
             }
+        }
+        Command::Demo => {
+            let db = open_db(&settings)?;
+            crate::demo::run(&db, &clock, &settings.server.public_base_url, &mut out)?;
         }
         Command::Keys(KeysCommand::List) => {
             let db = open_db(&settings)?;

@@ -7,6 +7,7 @@ mod audit;
 mod auth;
 mod bulk;
 mod delivery_processes;
+mod demo;
 mod errors;
 mod fhir;
 mod flag_checks;
