@@ -14,7 +14,7 @@ use chrono::{NaiveDate, NaiveDateTime};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanBody {
     pub local_reference: Option<String>,
@@ -28,7 +28,7 @@ pub struct PlanBody {
     pub contacts: Option<ContactsBody>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChildBody {
     pub given_name: Option<String>,
@@ -39,7 +39,7 @@ pub struct ChildBody {
 }
 
 /// Contacts for this plan where they differ from the local authority's own (a named team, say).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContactsBody {
     pub office_phone: Option<String>,

@@ -5,6 +5,8 @@
 use super::flag_checks::{own_setting, short_text};
 use super::patient::{parse_patient, PatientBody};
 use super::ApiJson;
+#[allow(unused_imports)]
+use crate::api::openapi::ProblemDoc;
 use crate::attendances::{self, AttendanceRow, PENDING};
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
@@ -18,7 +20,7 @@ use chrono::{DateTime, Duration, NaiveDateTime};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttendanceBody {
     attendance_id: Option<String>,
@@ -66,6 +68,7 @@ fn answer(
     })
 }
 
+#[utoipa::path(post, path = "/v1/attendances", tag = "attendances", request_body = AttendanceBody, security(("bearer" = [])), responses((status = 201, description = "`{id, match, flags, notifications}`"), (status = 200, description = "A repeat of a stored attendance"), (status = 422, body = ProblemDoc)))]
 pub async fn create(
     principal: Principal,
     state: web::Data<AppState>,

@@ -13,8 +13,9 @@ use chrono::{DateTime, NaiveDateTime};
 use serde::Deserialize;
 use serde_json::json;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = AuditSearch)]
 pub struct SearchBody {
     nhs_number: Option<String>,
     actor_ods: Option<String>,
@@ -36,6 +37,7 @@ fn parse_instant(s: &str) -> Result<NaiveDateTime, String> {
         })
 }
 
+#[utoipa::path(post, path = "/v1/audit/search", tag = "audit", request_body = SearchBody, security(("bearer" = [])), responses((status = 200, description = "`{items, page, page_size, total}`, newest first")))]
 pub async fn search(
     principal: Principal,
     state: web::Data<AppState>,
@@ -94,6 +96,7 @@ pub async fn search(
     Ok(HttpResponse::Ok().json(json))
 }
 
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit", security(("bearer" = [])), responses((status = 200, description = "`{ok, checked, first_broken_seq}`")))]
 pub async fn verify(
     principal: Principal,
     state: web::Data<AppState>,

@@ -5,6 +5,8 @@
 
 use super::patient::{parse_patient, PatientBody};
 use super::ApiJson;
+#[allow(unused_imports)]
+use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::clock::format_timestamp;
@@ -21,14 +23,14 @@ use serde_json::{json, Value};
 
 pub const RECENT_ACCESSES: i64 = 25;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PractitionerBody {
     pub name: Option<String>,
     pub role: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckBody {
     patient: Option<PatientBody>,
@@ -258,6 +260,7 @@ pub async fn perform(
     Ok(checked)
 }
 
+#[utoipa::path(post, path = "/v1/flag-checks", tag = "flags", request_body = CheckBody, security(("bearer" = [])), responses((status = 200, description = "`{match: {status, method, score}, flags: [...], recent_accesses: [...]}`"), (status = 422, body = ProblemDoc), (status = 503, description = "The region's MPI is unavailable", body = ProblemDoc)))]
 pub async fn check(
     principal: Principal,
     state: web::Data<AppState>,

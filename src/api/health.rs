@@ -1,14 +1,18 @@
 //! Liveness and readiness, without authentication, for load balancers and orchestrators.
 
+#[allow(unused_imports)]
+use crate::api::openapi::ProblemDoc;
 use crate::error::ApiError;
 use crate::startup::AppState;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+#[utoipa::path(get, path = "/health/live", tag = "operations", responses((status = 200, description = "The process is up")))]
 pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/health/ready", tag = "operations", responses((status = 200, description = "Database reachable and migrations current"), (status = 503, description = "Not ready", body = ProblemDoc)))]
 /// Ready when the database answers and every embedded migration has been applied.
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let db = state.db.clone();
@@ -27,6 +31,7 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 /// Prometheus text exposition; notifications by state are counted at scrape time.
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     use crate::db::schema::notifications;

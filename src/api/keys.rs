@@ -1,6 +1,8 @@
 //! API keys: made and revoked by an admin. The secret is in the creation answer only.
 
 use super::ApiJson;
+#[allow(unused_imports)]
+use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{encode_roles, generate_key, Principal, Role};
 use crate::db::models::{ApiKeyRow, Organisation};
@@ -11,7 +13,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     org: Option<String>,
@@ -75,6 +77,7 @@ pub fn parse_roles(v: &mut Validator, roles: Option<Vec<String>>) -> Vec<Role> {
     parsed
 }
 
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKey, security(("bearer" = [])), responses((status = 201, description = "`{id, key, org, roles}`: the key is shown only here"), (status = 403, body = ProblemDoc), (status = 422, body = ProblemDoc)))]
 pub async fn create(
     principal: Principal,
     state: web::Data<AppState>,
@@ -105,6 +108,7 @@ pub async fn create(
         .json(json!({"id": id, "key": secret, "org": org_code, "roles": answer_roles})))
 }
 
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "Key id")), security(("bearer" = [])), responses((status = 204, description = "Revoked"), (status = 404, body = ProblemDoc)))]
 pub async fn revoke(
     principal: Principal,
     state: web::Data<AppState>,

@@ -8,6 +8,7 @@ mod health;
 mod keys;
 mod mpi;
 mod notifications;
+pub mod openapi;
 mod organisations;
 mod patient;
 mod plans;
@@ -41,6 +42,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/health/live").get(health::live))
         .service(web::resource("/health/ready").get(health::ready))
         .service(web::resource("/metrics").get(health::metrics))
+        .service(web::resource("/openapi.json").get(openapi::openapi_json))
         .configure(crate::fhir::configure)
         .service(
             web::scope("/v1")

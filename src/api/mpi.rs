@@ -3,6 +3,8 @@
 
 use super::patient::{parse_identifier, parse_patient, IdentifierBody, PatientBody};
 use super::ApiJson;
+#[allow(unused_imports)]
+use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::domain::{parse_region, NhsNumber};
@@ -16,7 +18,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LinkBody {
     identifier: Option<IdentifierBody>,
@@ -24,6 +26,7 @@ pub struct LinkBody {
     demographics: Option<ChildBody>,
 }
 
+#[utoipa::path(post, path = "/v1/mpi/links", tag = "mpi", request_body = LinkBody, security(("bearer" = [])), responses((status = 201, description = "Linked"), (status = 200, description = "Already linked, or moved to this person"), (status = 422, body = ProblemDoc)))]
 pub async fn link(
     principal: Principal,
     state: web::Data<AppState>,
@@ -130,7 +133,7 @@ pub async fn link(
     Ok(response.json(json))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveBody {
     patient: Option<PatientBody>,
@@ -138,6 +141,7 @@ pub struct ResolveBody {
     region: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/mpi/resolve", tag = "mpi", request_body = ResolveBody, security(("bearer" = [])), responses((status = 200, description = "`{match, nhs_number, person_id, candidates: [{nhs_number, person_id, status, score, parts}], note}`")))]
 pub async fn resolve(
     principal: Principal,
     state: web::Data<AppState>,

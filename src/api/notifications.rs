@@ -2,6 +2,8 @@
 //! events), reads what it was told and how each delivery went, and asks for a notification again.
 
 use super::{page_number, ApiJson};
+#[allow(unused_imports)]
+use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::clock::format_timestamp;
@@ -19,7 +21,7 @@ use diesel::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryBody {
     email: Option<Vec<String>>,
@@ -28,7 +30,7 @@ pub struct DeliveryBody {
     events: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookBody {
     url: Option<String>,
@@ -38,6 +40,7 @@ pub struct WebhookBody {
 /// How long the previous webhook secret still signs after a rotation, so receivers can switch over.
 const ROTATION_OVERLAP_HOURS: i64 = 24;
 
+#[utoipa::path(put, path = "/v1/organisations/{ods}/delivery", tag = "notifications", params(("ods" = String, Path, description = "ODS code")), request_body = DeliveryBody, security(("bearer" = [])), responses((status = 200, description = "The endpoints; a generated webhook secret is shown once"), (status = 403, body = ProblemDoc), (status = 422, body = ProblemDoc)))]
 pub async fn put_delivery(
     principal: Principal,
     state: web::Data<AppState>,
@@ -179,8 +182,9 @@ pub async fn put_delivery(
     Ok(HttpResponse::Ok().json(answer.0))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     status: Option<String>,
     since: Option<String>,
@@ -219,6 +223,7 @@ fn summary(conn: &mut DbConnection, n: &NotificationRow) -> Result<Value, diesel
     }))
 }
 
+#[utoipa::path(get, path = "/v1/notifications", tag = "notifications", params(ListQuery), security(("bearer" = [])), responses((status = 200, description = "Notifications with their deliveries and attempts, newest first")))]
 pub async fn list(
     principal: Principal,
     state: web::Data<AppState>,
@@ -285,6 +290,7 @@ fn visible(
     Ok(n)
 }
 
+#[utoipa::path(get, path = "/v1/notifications/{id}", tag = "notifications", params(("id" = String, Path, description = "Notification id")), security(("bearer" = [])), responses((status = 200, description = "The notification with its event body"), (status = 404, body = ProblemDoc)))]
 pub async fn read(
     principal: Principal,
     state: web::Data<AppState>,
@@ -324,6 +330,7 @@ pub async fn read(
     Ok(HttpResponse::Ok().json(answer))
 }
 
+#[utoipa::path(post, path = "/v1/notifications/{id}/redeliver", tag = "notifications", params(("id" = String, Path, description = "Notification id")), security(("bearer" = [])), responses((status = 202, description = "Queued again"), (status = 409, body = ProblemDoc), (status = 404, body = ProblemDoc)))]
 pub async fn redeliver(
     principal: Principal,
     state: web::Data<AppState>,

@@ -2,6 +2,8 @@
 //! an admin; readable by any key, since contacts are what a clinician needs.
 
 use super::ApiJson;
+#[allow(unused_imports)]
+use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::clock::format_timestamp;
@@ -13,7 +15,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrganisationBody {
     ods_code: Option<String>,
@@ -133,6 +135,7 @@ pub fn to_json(o: &Organisation) -> Value {
     })
 }
 
+#[utoipa::path(post, path = "/v1/organisations", tag = "organisations", request_body = OrganisationBody, security(("bearer" = [])), responses((status = 201, description = "Created"), (status = 200, description = "Updated"), (status = 422, body = ProblemDoc)))]
 pub async fn upsert(
     principal: Principal,
     state: web::Data<AppState>,
@@ -154,6 +157,7 @@ pub async fn upsert(
     Ok(response.json(to_json(&stored)))
 }
 
+#[utoipa::path(get, path = "/v1/organisations/{ods}", tag = "organisations", params(("ods" = String, Path, description = "ODS code")), security(("bearer" = [])), responses((status = 200, description = "The organisation"), (status = 404, body = ProblemDoc)))]
 pub async fn read(
     _principal: Principal,
     state: web::Data<AppState>,

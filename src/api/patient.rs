@@ -9,7 +9,7 @@ use crate::plans::{parse_child, ChildBody};
 use chrono::NaiveDate;
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatientBody {
     pub nhs_number: Option<String>,
@@ -17,7 +17,7 @@ pub struct PatientBody {
     pub demographics: Option<ChildBody>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentifierBody {
     pub system: Option<String>,

@@ -2,6 +2,8 @@
 //! own plans. Another authority's plan answers 404, so its existence is not disclosed. Admins read all.
 
 use super::{double_option, page_number, ApiJson};
+#[allow(unused_imports)]
+use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::db::models::{Organisation, PlanRow, StatusFilter, PAGE_SIZE};
@@ -40,6 +42,7 @@ fn visible_plan(
     Ok(row)
 }
 
+#[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body = PlanBody, security(("bearer" = [])), responses((status = 201, description = "Registered"), (status = 200, description = "A repeat (unchanged) or an update of the plan with this local reference"), (status = 422, body = ProblemDoc)))]
 pub async fn register(
     principal: Principal,
     state: web::Data<AppState>,
@@ -84,6 +87,7 @@ fn is_unique_violation(e: &ApiError) -> bool {
     false
 }
 
+#[utoipa::path(get, path = "/v1/plans/{id}", tag = "plans", params(("id" = String, Path, description = "Plan id")), security(("bearer" = [])), responses((status = 200, description = "The plan"), (status = 404, body = ProblemDoc)))]
 pub async fn read(
     principal: Principal,
     state: web::Data<AppState>,
@@ -117,7 +121,7 @@ pub async fn read(
     Ok(HttpResponse::Ok().json(json))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchBody {
     #[serde(default, deserialize_with = "double_option")]
@@ -130,7 +134,7 @@ pub struct PatchBody {
     child: Option<ChildPatch>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContactsPatch {
     #[serde(default, deserialize_with = "double_option")]
@@ -141,7 +145,7 @@ pub struct ContactsPatch {
     email: Option<Option<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChildPatch {
     #[serde(default, deserialize_with = "double_option")]
@@ -281,6 +285,7 @@ fn apply_patch(
     Ok(row)
 }
 
+#[utoipa::path(patch, path = "/v1/plans/{id}", tag = "plans", params(("id" = String, Path, description = "Plan id")), request_body = PatchBody, security(("bearer" = [])), responses((status = 200, description = "The plan after the change"), (status = 404, body = ProblemDoc), (status = 422, body = ProblemDoc)))]
 pub async fn patch(
     principal: Principal,
     state: web::Data<AppState>,
@@ -329,14 +334,16 @@ pub async fn patch(
     Ok(HttpResponse::Ok().json(json))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = PlanSearch)]
 pub struct SearchBody {
     nhs_number: Option<String>,
     status: Option<String>,
     page: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/v1/plans/search", tag = "plans", request_body = SearchBody, security(("bearer" = [])), responses((status = 200, description = "`{items, page, page_size, total}`")))]
 pub async fn search(
     principal: Principal,
     state: web::Data<AppState>,
@@ -398,6 +405,7 @@ pub async fn search(
     Ok(HttpResponse::Ok().json(json))
 }
 
+#[utoipa::path(post, path = "/v1/plans/bulk", tag = "plans", request_body(content = String, content_type = "text/csv", description = "Header row with the plan field names, one plan per row"), security(("bearer" = [])), responses((status = 200, description = "`{file_code: CPF02|CPF03|CPF04, accepted, rejected, rows: [{row, local_reference, code: CPR06|CPR07, reasons, plan_id}]}`"), (status = 422, description = "CPF01: corrupt file, nothing changed", body = ProblemDoc), (status = 413, body = ProblemDoc), (status = 415, body = ProblemDoc)))]
 /// `POST /v1/plans/bulk`: a CSV file of plans. The body is spooled to a temporary file (at most 50 MB) and
 /// imported as a stream in one transaction; the answer has the file code and one code per row.
 pub async fn bulk(

@@ -16,6 +16,7 @@ mod identity;
 mod logs;
 mod mpi_external;
 mod notifications;
+mod openapi;
 mod organisations;
 mod plans;
 mod receiver;
