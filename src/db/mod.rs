@@ -29,6 +29,8 @@ pub enum DbConnection {
 pub enum DbError {
     #[error("no database connection available")]
     Pool(#[from] r2d2::PoolError),
+    #[error("no database connection available: {0}")]
+    Unavailable(String),
     #[error("database query failed")]
     Query(#[source] diesel::result::Error),
     #[error("database migration failed: {0}")]
@@ -92,6 +94,82 @@ pub struct Db {
     /// SQLite allows one writer; taking this before a write transaction queues writers in-process instead of
     /// letting them fail on a busy database.
     write_lock: Arc<Mutex<()>>,
+    /// The group-commit writer that `write` hands its transactions to.
+    writer: std::sync::mpsc::SyncSender<Box<dyn WriteJob>>,
+}
+
+/// A write waiting for the group-commit writer: it runs inside the batch's transaction (in its own savepoint),
+/// and learns after the commit whether it stands.
+pub trait WriteJob: Send {
+    fn run(self: Box<Self>, conn: &mut DbConnection) -> Box<dyn FnOnce(Option<&diesel::result::Error>) + Send>;
+    fn fail(self: Box<Self>, why: DbError);
+}
+
+struct TypedJob<T, E, F> {
+    f: F,
+    reply: tokio::sync::oneshot::Sender<Result<T, E>>,
+    span: tracing::Span,
+}
+
+impl<T, E, F> WriteJob for TypedJob<T, E, F>
+where
+    F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &mut DbConnection) -> Box<dyn FnOnce(Option<&diesel::result::Error>) + Send> {
+        let TypedJob { f, reply, span } = *self;
+        // A nested transaction is a savepoint: this job's failure undoes only this job.
+        let result = span.in_scope(|| conn.transaction(f));
+        Box::new(move |commit_error| {
+            let result = match commit_error {
+                None => result,
+                Some(e) => Err(E::from(DbError::Migration(format!("the batch commit failed: {e}")))),
+            };
+            let _ = reply.send(result);
+        })
+    }
+
+    fn fail(self: Box<Self>, why: DbError) {
+        let _ = self.reply.send(Err(E::from(why)));
+    }
+}
+
+/// Most writes that wait together commit together: one transaction (and one fsync) for the lot.
+const MAX_BATCH: usize = 256;
+
+fn writer_loop(pool: r2d2::Pool<Manager>, sqlite: bool, write_lock: Arc<Mutex<()>>, jobs: std::sync::mpsc::Receiver<Box<dyn WriteJob>>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut conn = match pool.get() {
+            Ok(c) => c,
+            Err(e) => {
+                for job in batch {
+                    job.fail(DbError::Unavailable(e.to_string()));
+                }
+                continue;
+            }
+        };
+        let _guard = sqlite.then(|| write_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        let conn: &mut DbConnection = &mut conn;
+        let mut completions = Vec::with_capacity(batch.len());
+        let committed = conn.transaction(|c| {
+            for job in batch {
+                completions.push(job.run(c));
+            }
+            Ok::<_, diesel::result::Error>(())
+        });
+        let error = committed.err();
+        for complete in completions {
+            complete(error.as_ref());
+        }
+    }
 }
 
 impl Db {
@@ -112,11 +190,14 @@ impl Db {
             .connection_timeout(Duration::from_secs(settings.connect_timeout_secs))
             .build(manager)
             .map_err(|e| DbError::Migration(format!("cannot open the database: {e}")))?;
-        Ok(Self {
-            pool,
-            kind,
-            write_lock: Arc::new(Mutex::new(())),
-        })
+        let write_lock = Arc::new(Mutex::new(()));
+        let (writer, jobs) = std::sync::mpsc::sync_channel(4 * MAX_BATCH);
+        let (p, sqlite, lock) = (pool.clone(), matches!(kind, DatabaseKind::Sqlite { .. }), write_lock.clone());
+        std::thread::Builder::new()
+            .name("cpis-db-writer".into())
+            .spawn(move || writer_loop(p, sqlite, lock, jobs))
+            .map_err(|e| DbError::Migration(format!("cannot start the database writer: {e}")))?;
+        Ok(Self { pool, kind, write_lock, writer })
     }
 
     pub fn is_sqlite(&self) -> bool {
@@ -152,17 +233,25 @@ impl Db {
 
     /// Runs `f` in one write transaction on the blocking pool. All writes that must commit together
     /// (a business row, its audit event, its outbox row) go through here.
+    ///
+    /// The transaction is handed to the group-commit writer, which runs the writes waiting at that moment
+    /// together, each in its own savepoint, and commits them at once: durable audited writes at the rate of
+    /// the database's commits times the batch size. A failing write undoes only itself.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
-        let this = self.clone();
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(|| this.write_blocking(f)))
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Box::new(TypedJob { f, reply, span: tracing::Span::current() });
+        let writer = self.writer.clone();
+        // The channel is bounded; waiting for room happens off the async threads.
+        tokio::task::spawn_blocking(move || writer.send(job))
             .await
             .map_err(DbError::from)?
+            .map_err(|_| DbError::Migration("the database writer has stopped".into()))?;
+        answer.await.map_err(|_| DbError::Migration("the database writer dropped a write".into()))?
     }
 
     /// `write` for callers already off the async threads (CLI, jobs).
@@ -360,5 +449,22 @@ pub fn lock_notification(
             .optional()
             .map(|_| ()),
         DbConnection::Sqlite(_) => Ok(()),
+    }
+}
+
+/// Multi-row inserts for seeding benchmarks and demos.
+pub fn insert_plans(conn: &mut DbConnection, rows: &[models::PlanRow]) -> Result<usize, diesel::result::Error> {
+    use diesel::prelude::*;
+    match conn {
+        DbConnection::Postgres(c) => diesel::insert_into(schema::plans::table).values(rows).execute(c),
+        DbConnection::Sqlite(c) => diesel::insert_into(schema::plans::table).values(rows).execute(c),
+    }
+}
+
+pub fn insert_attendances(conn: &mut DbConnection, rows: &[crate::attendances::AttendanceRow]) -> Result<usize, diesel::result::Error> {
+    use diesel::prelude::*;
+    match conn {
+        DbConnection::Postgres(c) => diesel::insert_into(schema::attendances::table).values(rows).execute(c),
+        DbConnection::Sqlite(c) => diesel::insert_into(schema::attendances::table).values(rows).execute(c),
     }
 }

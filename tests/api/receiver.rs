@@ -29,6 +29,8 @@ pub struct Behaviour {
 pub struct Receiver {
     pub url: String,
     pub hooks: Arc<Mutex<Vec<Hook>>>,
+    /// When each webhook-id arrived.
+    pub arrived: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
     pub behaviour: Arc<Mutex<Behaviour>>,
     pub secrets: Arc<Mutex<Vec<String>>>,
 }
@@ -36,6 +38,10 @@ pub struct Receiver {
 impl Receiver {
     pub fn hooks(&self) -> Vec<Hook> {
         self.hooks.lock().unwrap().clone()
+    }
+
+    pub fn arrivals(&self) -> Vec<(String, std::time::Instant)> {
+        self.arrived.lock().unwrap().clone()
     }
 
     pub fn trust(&self, secret: &str) {
@@ -69,6 +75,7 @@ fn verify(secret: &str, id: &str, ts: &str, body: &[u8], signature: &str) -> boo
 
 struct Shared {
     hooks: Arc<Mutex<Vec<Hook>>>,
+    arrived: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     secrets: Arc<Mutex<Vec<String>>>,
 }
@@ -121,8 +128,10 @@ pub fn start_receiver() -> Receiver {
         ..Default::default()
     }));
     let secrets = Arc::new(Mutex::new(Vec::new()));
+    let arrived = Arc::new(Mutex::new(Vec::new()));
     let shared = web::Data::new(Shared {
         hooks: hooks.clone(),
+        arrived: arrived.clone(),
         behaviour: behaviour.clone(),
         secrets: secrets.clone(),
     });
@@ -139,6 +148,7 @@ pub fn start_receiver() -> Receiver {
     Receiver {
         url: format!("http://127.0.0.1:{port}/hook"),
         hooks,
+        arrived,
         behaviour,
         secrets,
     }
