@@ -179,10 +179,20 @@ pub async fn authenticate(
         .app_data::<web::Data<AppState>>()
         .cloned()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("application state missing")))?;
-    let row = state
-        .db
-        .run(move |conn| Ok::<_, ApiError>(ApiKeyRow::find_active_by_hash(conn, &hash)?))
-        .await?;
+    let row = match state.keys.get(&hash) {
+        Some(hit) => Some(hit),
+        None => {
+            let key = hash.clone();
+            let found = state
+                .db
+                .run(move |conn| Ok::<_, ApiError>(ApiKeyRow::find_active_by_hash(conn, &key)?))
+                .await?;
+            if let Some(f) = &found {
+                state.keys.insert(hash, f.clone());
+            }
+            found
+        }
+    };
     let (row, region) = row.ok_or(ApiError::Unauthenticated {
         detail: "the API key is unknown or revoked",
     })?;

@@ -23,7 +23,13 @@ pub struct AppState {
     /// Names this process in delivery leases.
     pub instance_id: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Recently seen API keys (by hash) with their organisation's region, for at most `KEY_CACHE_SECS`; emptied
+    /// in this process by any key or organisation change.
+    pub keys: moka::sync::Cache<String, (crate::db::models::ApiKeyRow, Option<String>)>,
 }
+
+/// How long a key stays cached: a key revoked through another instance stops working within this.
+pub const KEY_CACHE_SECS: u64 = 10;
 
 impl AppState {
     /// Opens the database (running migrations) and builds the MPI router.
@@ -59,6 +65,10 @@ impl AppState {
             deliver_wakeup: Arc::new(tokio::sync::Notify::new()),
             instance_id: uuid::Uuid::new_v4().to_string(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            keys: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(KEY_CACHE_SECS))
+                .build(),
         })
     }
 

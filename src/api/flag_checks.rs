@@ -153,9 +153,11 @@ pub async fn perform(
     let key_id = principal.key_id.clone();
     let delivery = state.settings.delivery.clone();
     let base = state.settings.server.public_base_url.clone();
-    let (checked, notified, outcome) = state
+    // Reads run on the pool, in parallel with other requests; only the writes go to the group-commit writer.
+    let setting = check.setting_ods.clone();
+    let (view, recent, setting_name, resolution) = state
         .db
-        .write(move |conn| {
+        .run(move |conn| {
             let view = flags::view(conn, &resolution, today, None)?;
             let matched = resolution.status == MatchStatus::Matched;
             // The caller sees the accesses before this one; this one shows up in the next check.
@@ -163,6 +165,17 @@ pub async fn perform(
                 (Some(nhs), true) => AccessRow::recent_unscheduled(conn, nhs, RECENT_ACCESSES)?,
                 _ => Vec::new(),
             };
+            let setting_name = if view.hit {
+                Organisation::find(conn, &setting)?.map(|o| o.name)
+            } else {
+                None
+            };
+            Ok::<_, ApiError>((view, recent, setting_name, resolution))
+        })
+        .await?;
+    let (checked, notified, outcome) = state
+        .db
+        .write(move |conn| {
             if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
                 AccessRow::insert(
                     conn,
@@ -186,7 +199,6 @@ pub async fn perform(
             if let (true, AccessKind::Unscheduled, Some(nhs)) =
                 (view.hit, check.access, &view.nhs_number)
             {
-                let setting_name = Organisation::find(conn, &check.setting_ods)?.map(|o| o.name);
                 notified = notify::enqueue(
                     conn,
                     now,

@@ -122,6 +122,8 @@ pub async fn revoke(
         .db
         .write(move |conn| revoke_key(conn, now, &actor, &key_id))
         .await?;
+    // A revoked key must stop working at once: forget every cached key in this process.
+    state.keys.invalidate_all();
     Ok(HttpResponse::NoContent().finish())
 }
 

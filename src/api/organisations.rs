@@ -149,6 +149,8 @@ pub async fn upsert(
         .db
         .write(move |conn| store(conn, now, &actor, org))
         .await?;
+    // A key's cached region comes from its organisation.
+    state.keys.invalidate_all();
     let mut response = if created {
         HttpResponse::Created()
     } else {

@@ -101,7 +101,10 @@ pub struct Db {
 /// A write waiting for the group-commit writer: it runs inside the batch's transaction (in its own savepoint),
 /// and learns after the commit whether it stands.
 pub trait WriteJob: Send {
-    fn run(self: Box<Self>, conn: &mut DbConnection) -> Box<dyn FnOnce(Option<&diesel::result::Error>) + Send>;
+    fn run(
+        self: Box<Self>,
+        conn: &mut DbConnection,
+    ) -> Box<dyn FnOnce(Option<&diesel::result::Error>) + Send>;
     fn fail(self: Box<Self>, why: DbError);
 }
 
@@ -117,14 +120,19 @@ where
     T: Send + 'static,
     E: From<DbError> + From<diesel::result::Error> + Send + 'static,
 {
-    fn run(self: Box<Self>, conn: &mut DbConnection) -> Box<dyn FnOnce(Option<&diesel::result::Error>) + Send> {
+    fn run(
+        self: Box<Self>,
+        conn: &mut DbConnection,
+    ) -> Box<dyn FnOnce(Option<&diesel::result::Error>) + Send> {
         let TypedJob { f, reply, span } = *self;
         // A nested transaction is a savepoint: this job's failure undoes only this job.
         let result = span.in_scope(|| conn.transaction(f));
         Box::new(move |commit_error| {
             let result = match commit_error {
                 None => result,
-                Some(e) => Err(E::from(DbError::Migration(format!("the batch commit failed: {e}")))),
+                Some(e) => Err(E::from(DbError::Migration(format!(
+                    "the batch commit failed: {e}"
+                )))),
             };
             let _ = reply.send(result);
         })
@@ -138,7 +146,12 @@ where
 /// Most writes that wait together commit together: one transaction (and one fsync) for the lot.
 const MAX_BATCH: usize = 256;
 
-fn writer_loop(pool: r2d2::Pool<Manager>, sqlite: bool, write_lock: Arc<Mutex<()>>, jobs: std::sync::mpsc::Receiver<Box<dyn WriteJob>>) {
+fn writer_loop(
+    pool: r2d2::Pool<Manager>,
+    sqlite: bool,
+    write_lock: Arc<Mutex<()>>,
+    jobs: std::sync::mpsc::Receiver<Box<dyn WriteJob>>,
+) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -192,12 +205,21 @@ impl Db {
             .map_err(|e| DbError::Migration(format!("cannot open the database: {e}")))?;
         let write_lock = Arc::new(Mutex::new(()));
         let (writer, jobs) = std::sync::mpsc::sync_channel(4 * MAX_BATCH);
-        let (p, sqlite, lock) = (pool.clone(), matches!(kind, DatabaseKind::Sqlite { .. }), write_lock.clone());
+        let (p, sqlite, lock) = (
+            pool.clone(),
+            matches!(kind, DatabaseKind::Sqlite { .. }),
+            write_lock.clone(),
+        );
         std::thread::Builder::new()
             .name("cpis-db-writer".into())
             .spawn(move || writer_loop(p, sqlite, lock, jobs))
             .map_err(|e| DbError::Migration(format!("cannot start the database writer: {e}")))?;
-        Ok(Self { pool, kind, write_lock, writer })
+        Ok(Self {
+            pool,
+            kind,
+            write_lock,
+            writer,
+        })
     }
 
     pub fn is_sqlite(&self) -> bool {
@@ -244,14 +266,20 @@ impl Db {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Box::new(TypedJob { f, reply, span: tracing::Span::current() });
+        let job = Box::new(TypedJob {
+            f,
+            reply,
+            span: tracing::Span::current(),
+        });
         let writer = self.writer.clone();
         // The channel is bounded; waiting for room happens off the async threads.
         tokio::task::spawn_blocking(move || writer.send(job))
             .await
             .map_err(DbError::from)?
             .map_err(|_| DbError::Migration("the database writer has stopped".into()))?;
-        answer.await.map_err(|_| DbError::Migration("the database writer dropped a write".into()))?
+        answer
+            .await
+            .map_err(|_| DbError::Migration("the database writer dropped a write".into()))?
     }
 
     /// `write` for callers already off the async threads (CLI, jobs).
@@ -453,18 +481,32 @@ pub fn lock_notification(
 }
 
 /// Multi-row inserts for seeding benchmarks and demos.
-pub fn insert_plans(conn: &mut DbConnection, rows: &[models::PlanRow]) -> Result<usize, diesel::result::Error> {
+pub fn insert_plans(
+    conn: &mut DbConnection,
+    rows: &[models::PlanRow],
+) -> Result<usize, diesel::result::Error> {
     use diesel::prelude::*;
     match conn {
-        DbConnection::Postgres(c) => diesel::insert_into(schema::plans::table).values(rows).execute(c),
-        DbConnection::Sqlite(c) => diesel::insert_into(schema::plans::table).values(rows).execute(c),
+        DbConnection::Postgres(c) => diesel::insert_into(schema::plans::table)
+            .values(rows)
+            .execute(c),
+        DbConnection::Sqlite(c) => diesel::insert_into(schema::plans::table)
+            .values(rows)
+            .execute(c),
     }
 }
 
-pub fn insert_attendances(conn: &mut DbConnection, rows: &[crate::attendances::AttendanceRow]) -> Result<usize, diesel::result::Error> {
+pub fn insert_attendances(
+    conn: &mut DbConnection,
+    rows: &[crate::attendances::AttendanceRow],
+) -> Result<usize, diesel::result::Error> {
     use diesel::prelude::*;
     match conn {
-        DbConnection::Postgres(c) => diesel::insert_into(schema::attendances::table).values(rows).execute(c),
-        DbConnection::Sqlite(c) => diesel::insert_into(schema::attendances::table).values(rows).execute(c),
+        DbConnection::Postgres(c) => diesel::insert_into(schema::attendances::table)
+            .values(rows)
+            .execute(c),
+        DbConnection::Sqlite(c) => diesel::insert_into(schema::attendances::table)
+            .values(rows)
+            .execute(c),
     }
 }

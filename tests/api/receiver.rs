@@ -93,6 +93,11 @@ async fn hook(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> 
         header("webhook-timestamp"),
         header("webhook-signature"),
     );
+    shared
+        .arrived
+        .lock()
+        .unwrap()
+        .push((id.clone(), std::time::Instant::now()));
     let secrets = shared.secrets.lock().unwrap().clone();
     let verified_with = secrets
         .iter()
