@@ -100,11 +100,11 @@ pub struct Db {
 
 /// A write waiting for the group-commit writer: it runs inside the batch's transaction (in its own savepoint),
 /// and learns after the commit whether it stands.
+/// Told after the batch's commit whether it failed.
+pub type Completion = Box<dyn FnOnce(Option<&diesel::result::Error>) + Send>;
+
 pub trait WriteJob: Send {
-    fn run(
-        self: Box<Self>,
-        conn: &mut DbConnection,
-    ) -> Box<dyn FnOnce(Option<&diesel::result::Error>) + Send>;
+    fn run(self: Box<Self>, conn: &mut DbConnection) -> Completion;
     fn fail(self: Box<Self>, why: DbError);
 }
 
@@ -120,10 +120,7 @@ where
     T: Send + 'static,
     E: From<DbError> + From<diesel::result::Error> + Send + 'static,
 {
-    fn run(
-        self: Box<Self>,
-        conn: &mut DbConnection,
-    ) -> Box<dyn FnOnce(Option<&diesel::result::Error>) + Send> {
+    fn run(self: Box<Self>, conn: &mut DbConnection) -> Completion {
         let TypedJob { f, reply, span } = *self;
         // A nested transaction is a savepoint: this job's failure undoes only this job.
         let result = span.in_scope(|| conn.transaction(f));

@@ -712,6 +712,11 @@ async fn the_deliver_job_is_woken_at_once_when_a_notification_is_written() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(receiver.hooks()[0].verified_with.len(), 1);
+    let (_, arrived) = receiver.arrivals()[0];
+    assert!(
+        arrived.duration_since(started) < Duration::from_secs(5),
+        "woken, not waiting for a tick"
+    );
 }
 
 #[tokio::test]
