@@ -66,9 +66,10 @@ fn target(args: &Args) -> Target {
         let mut admin =
             diesel::PgConnection::establish(&args.postgres_url).expect("connect to PostgreSQL");
         admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap();
         let base = args
             .postgres_url

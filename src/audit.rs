@@ -153,6 +153,53 @@ pub fn append(
     Ok(row.seq)
 }
 
+/// Appends several events at once (a bulk file's rows): one head lock, one multi-row insert, one head update.
+pub fn append_many(
+    conn: &mut DbConnection,
+    at: NaiveDateTime,
+    actor: &Actor,
+    events: Vec<Event<'_>>,
+) -> Result<(), Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let (mut seq, mut prev) = lock_audit_head(conn)?;
+    let at = format_timestamp(at);
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        seq += 1;
+        let mut row = AuditRow {
+            seq,
+            at: at.clone(),
+            actor_ods: actor.org.clone(),
+            key_id: actor.key_id.clone(),
+            role: actor.role.clone(),
+            practitioner: actor.practitioner.clone(),
+            action: event.action.to_string(),
+            nhs_number: event.nhs_number.map(str::to_string),
+            subject: event.subject.map(str::to_string),
+            outcome: event.outcome.to_string(),
+            request_id: actor.request_id.clone(),
+            detail: event.detail,
+            prev_hash: prev,
+            hash: String::new(),
+        };
+        row.hash = row.compute_hash();
+        prev = row.hash.clone();
+        rows.push(row);
+    }
+    for chunk in rows.chunks(400) {
+        crate::db::insert_audit_rows(conn, chunk)?;
+    }
+    diesel::update(audit_head::table.find(1))
+        .set((
+            audit_head::last_seq.eq(seq),
+            audit_head::last_hash.eq(&prev),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
     pub ok: bool,

@@ -98,6 +98,47 @@ fn reasons(e: ApiError) -> Vec<String> {
     }
 }
 
+/// Accepted rows are registered this many at a time.
+const CHUNK: usize = 1000;
+
+fn flush(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    actor: &Actor,
+    la: &str,
+    pending: &mut Vec<(usize, PlanInput)>,
+    result: &mut FileResult,
+) -> Result<(), ImportError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let inputs: Vec<PlanInput> = pending.iter().map(|(_, i)| i.clone()).collect();
+    let registered = plans::register_many(conn, now, actor, la, &inputs).map_err(|e| match e {
+        ApiError::Internal(cause) => match cause.downcast::<crate::db::DbError>() {
+            Ok(crate::db::DbError::Query(q)) => ImportError::Db(q),
+            Ok(other) => ImportError::Corrupt(other.to_string()),
+            Err(other) => ImportError::Corrupt(other.to_string()),
+        },
+        other => ImportError::Corrupt(other.detail()),
+    })?;
+    for ((row, input), (plan, outcome)) in pending.drain(..).zip(registered) {
+        result.accepted += 1;
+        result.rows.push(RowResult {
+            row,
+            local_reference: Some(input.local_reference),
+            code: "CPR06",
+            reasons: Vec::new(),
+            plan_id: Some(plan.id),
+            outcome: Some(match outcome {
+                Registered::Created => "created",
+                Registered::Updated => "updated",
+                Registered::Unchanged => "unchanged",
+            }),
+        });
+    }
+    Ok(())
+}
+
 /// Imports a file for authority `la` inside the caller's transaction; `progress` is told each row number.
 pub fn import(
     conn: &mut DbConnection,
@@ -157,6 +198,7 @@ pub fn import(
         rows: Vec::new(),
     };
     let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut pending: Vec<(usize, PlanInput)> = Vec::with_capacity(CHUNK);
     let mut record = csv::ByteRecord::new();
     let mut row = 0;
     loop {
@@ -249,31 +291,15 @@ pub fn import(
         match PlanInput::parse(body, today) {
             Err(e) => rejected(reasons(e), &mut result),
             Ok(input) => {
-                let (plan, outcome) =
-                    plans::register(conn, now, actor, la, &input).map_err(|e| match e {
-                        ApiError::Internal(cause) => match cause.downcast::<crate::db::DbError>() {
-                            Ok(crate::db::DbError::Query(q)) => ImportError::Db(q),
-                            Ok(other) => ImportError::Corrupt(other.to_string()),
-                            Err(other) => ImportError::Corrupt(other.to_string()),
-                        },
-                        other => ImportError::Corrupt(other.detail()),
-                    })?;
-                result.accepted += 1;
-                result.rows.push(RowResult {
-                    row,
-                    local_reference: Some(input.local_reference.clone()),
-                    code: "CPR06",
-                    reasons: Vec::new(),
-                    plan_id: Some(plan.id),
-                    outcome: Some(match outcome {
-                        Registered::Created => "created",
-                        Registered::Updated => "updated",
-                        Registered::Unchanged => "unchanged",
-                    }),
-                });
+                pending.push((row, input));
+                if pending.len() == CHUNK {
+                    flush(conn, now, actor, la, &mut pending, &mut result)?;
+                }
             }
         }
     }
+    flush(conn, now, actor, la, &mut pending, &mut result)?;
+    result.rows.sort_by_key(|r| r.row);
     if row == 0 {
         return Err(ImportError::Corrupt(
             "the file has a header but no rows".into(),

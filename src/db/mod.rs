@@ -507,3 +507,18 @@ pub fn insert_attendances(
             .execute(c),
     }
 }
+
+pub fn insert_audit_rows(
+    conn: &mut DbConnection,
+    rows: &[crate::audit::AuditRow],
+) -> Result<usize, diesel::result::Error> {
+    use diesel::prelude::*;
+    match conn {
+        DbConnection::Postgres(c) => diesel::insert_into(schema::audit_events::table)
+            .values(rows)
+            .execute(c),
+        DbConnection::Sqlite(c) => diesel::insert_into(schema::audit_events::table)
+            .values(rows)
+            .execute(c),
+    }
+}

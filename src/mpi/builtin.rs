@@ -369,3 +369,69 @@ pub fn insert_persons(conn: &mut DbConnection, rows: &mut [PersonRow]) -> Result
     }
     Ok(())
 }
+
+/// `upsert_person` for many NHS numbers at once (a bulk file): one query finds who exists, new persons go in
+/// with multi-row inserts, known ones are updated only when their demographics change.
+pub fn upsert_persons(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    people: &[(&str, &Demographics)],
+) -> Result<(), Error> {
+    let numbers: Vec<&str> = people.iter().map(|(n, _)| *n).collect();
+    let mut existing: std::collections::HashMap<String, PersonRow> = persons::table
+        .filter(persons::nhs_number.eq_any(&numbers))
+        .select(PersonRow::as_select())
+        .load(conn)?
+        .into_iter()
+        .filter_map(|p| Some((p.nhs_number.clone()?, p)))
+        .collect();
+    let mut fresh: Vec<PersonRow> = Vec::new();
+    for (nhs, d) in people {
+        if let Some(row) = existing.get_mut(*nhs) {
+            let before = (
+                row.given_name.clone(),
+                row.family_name.clone(),
+                row.birth_date,
+                row.sex.clone(),
+                row.postcode.clone(),
+            );
+            apply_demographics(row, d);
+            if before
+                != (
+                    row.given_name.clone(),
+                    row.family_name.clone(),
+                    row.birth_date,
+                    row.sex.clone(),
+                    row.postcode.clone(),
+                )
+            {
+                row.updated_at = now;
+                diesel::update(persons::table.find(&row.id))
+                    .set(&*row)
+                    .execute(conn)?;
+            }
+        } else if let Some(row) = fresh
+            .iter_mut()
+            .find(|r| r.nhs_number.as_deref() == Some(*nhs))
+        {
+            apply_demographics(row, d);
+        } else {
+            let mut row = PersonRow {
+                id: uuid::Uuid::new_v4().to_string(),
+                nhs_number: Some(nhs.to_string()),
+                given_name: None,
+                family_name: None,
+                birth_date: None,
+                sex: None,
+                postcode: None,
+                name_key: None,
+                postcode_key: None,
+                created_at: now,
+                updated_at: now,
+            };
+            apply_demographics(&mut row, d);
+            fresh.push(row);
+        }
+    }
+    insert_persons(conn, &mut fresh)
+}

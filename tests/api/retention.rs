@@ -137,6 +137,24 @@ async fn purge_removes_what_is_past_its_delete_date_and_nothing_else_and_the_aud
         let state = AppState::new(settings, at(2026, 12, 1)).unwrap();
         let expired = cpis::jobs::run_now(&state, "expire").await.unwrap();
         assert!(expired.contains("\"ended\":4"), "{expired}");
+        // Sending a plan again after `expire` recorded its end is still a no-op.
+        let again = app
+            .post(
+                "/v1/plans",
+                &w.la,
+                plan(
+                    "B-ended-recently",
+                    &test_nhs_number(24),
+                    "CPP",
+                    json!({"end_date": "2026-06-30"}),
+                ),
+            )
+            .await;
+        assert_eq!(
+            (again.status.as_u16(), again.body["version"].as_i64()),
+            (200, Some(1)),
+            "{again:?}"
+        );
         let report = cpis::jobs::run_now(&state, "purge").await.unwrap();
         let report: Value = serde_json::from_str(&report).unwrap();
         assert_eq!(report["plans"], 4, "{report}");
