@@ -361,22 +361,6 @@ pub fn lock_audit_head(conn: &mut DbConnection) -> Result<(i64, String), diesel:
     }
 }
 
-/// A multi-row insert, which diesel's connection enum cannot express in one statement for both backends.
-pub fn insert_persons(
-    conn: &mut DbConnection,
-    rows: &[crate::mpi::builtin::PersonRow],
-) -> Result<usize, diesel::result::Error> {
-    use diesel::prelude::*;
-    match conn {
-        DbConnection::Postgres(c) => diesel::insert_into(schema::persons::table)
-            .values(rows)
-            .execute(c),
-        DbConnection::Sqlite(c) => diesel::insert_into(schema::persons::table)
-            .values(rows)
-            .execute(c),
-    }
-}
-
 #[derive(diesel::QueryableByName)]
 pub struct Claimed {
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -477,48 +461,34 @@ pub fn lock_notification(
     }
 }
 
-/// Multi-row inserts for seeding benchmarks and demos.
-pub fn insert_plans(
-    conn: &mut DbConnection,
-    rows: &[models::PlanRow],
-) -> Result<usize, diesel::result::Error> {
-    use diesel::prelude::*;
-    match conn {
-        DbConnection::Postgres(c) => diesel::insert_into(schema::plans::table)
-            .values(rows)
-            .execute(c),
-        DbConnection::Sqlite(c) => diesel::insert_into(schema::plans::table)
-            .values(rows)
-            .execute(c),
-    }
+/// Multi-row inserts, which diesel's connection enum cannot express for both backends at once: the same
+/// statement, typed once per backend.
+macro_rules! batch_insert {
+    ($(#[$doc:meta])* $name:ident, $table:path, $row:ty) => {
+        $(#[$doc])*
+        pub fn $name(conn: &mut DbConnection, rows: &[$row]) -> Result<usize, diesel::result::Error> {
+            use diesel::prelude::*;
+            match conn {
+                DbConnection::Postgres(c) => diesel::insert_into($table).values(rows).execute(c),
+                DbConnection::Sqlite(c) => diesel::insert_into($table).values(rows).execute(c),
+            }
+        }
+    };
 }
 
-pub fn insert_attendances(
-    conn: &mut DbConnection,
-    rows: &[crate::attendances::AttendanceRow],
-) -> Result<usize, diesel::result::Error> {
-    use diesel::prelude::*;
-    match conn {
-        DbConnection::Postgres(c) => diesel::insert_into(schema::attendances::table)
-            .values(rows)
-            .execute(c),
-        DbConnection::Sqlite(c) => diesel::insert_into(schema::attendances::table)
-            .values(rows)
-            .execute(c),
-    }
-}
-
-pub fn insert_audit_rows(
-    conn: &mut DbConnection,
-    rows: &[crate::audit::AuditRow],
-) -> Result<usize, diesel::result::Error> {
-    use diesel::prelude::*;
-    match conn {
-        DbConnection::Postgres(c) => diesel::insert_into(schema::audit_events::table)
-            .values(rows)
-            .execute(c),
-        DbConnection::Sqlite(c) => diesel::insert_into(schema::audit_events::table)
-            .values(rows)
-            .execute(c),
-    }
-}
+batch_insert!(
+    insert_persons,
+    schema::persons::table,
+    crate::mpi::builtin::PersonRow
+);
+batch_insert!(insert_plans, schema::plans::table, models::PlanRow);
+batch_insert!(
+    insert_attendances,
+    schema::attendances::table,
+    crate::attendances::AttendanceRow
+);
+batch_insert!(
+    insert_audit_rows,
+    schema::audit_events::table,
+    crate::audit::AuditRow
+);

@@ -220,6 +220,29 @@ impl NotificationRow {
     }
 }
 
+impl DeliveryRow {
+    /// A channel waiting for its first attempt.
+    pub fn new(
+        notification_id: &str,
+        channel: &str,
+        target: &str,
+        first_attempt: NaiveDateTime,
+    ) -> Self {
+        DeliveryRow {
+            notification_id: notification_id.to_string(),
+            channel: channel.to_string(),
+            target: target.to_string(),
+            status: PENDING.into(),
+            attempts: 0,
+            next_attempt_at: first_attempt,
+            lease_until: None,
+            leased_by: None,
+            last_error: None,
+            delivered_at: None,
+        }
+    }
+}
+
 /// The state of a notification from the states of its channels: dead when any channel is dead (those that
 /// delivered stay recorded), delivered when every channel has delivered, otherwise pending (including when the
 /// authority has no channel configured yet).
@@ -272,18 +295,7 @@ pub fn add_channels(
     }
     for (channel, target) in &rows {
         diesel::insert_into(deliveries::table)
-            .values(DeliveryRow {
-                notification_id: n.id.clone(),
-                channel: channel.to_string(),
-                target: target.clone(),
-                status: PENDING.into(),
-                attempts: 0,
-                next_attempt_at: first_attempt,
-                lease_until: None,
-                leased_by: None,
-                last_error: None,
-                delivered_at: None,
-            })
+            .values(DeliveryRow::new(&n.id, channel, target, first_attempt))
             .execute(conn)?;
     }
     Ok(rows.len())
@@ -425,18 +437,7 @@ pub fn enqueue_exhausted(
         .values(&row)
         .execute(conn)?;
     diesel::insert_into(deliveries::table)
-        .values(DeliveryRow {
-            notification_id: id.clone(),
-            channel: EMAIL.into(),
-            target: fallback.to_string(),
-            status: PENDING.into(),
-            attempts: 0,
-            next_attempt_at: now,
-            lease_until: None,
-            leased_by: None,
-            last_error: None,
-            delivered_at: None,
-        })
+        .values(DeliveryRow::new(&id, EMAIL, fallback, now))
         .execute(conn)?;
     Ok(id)
 }
