@@ -116,13 +116,114 @@ pub fn chain_hash(prev_hash: &str, canonical: &str) -> String {
     hex::encode(h.finalize())
 }
 
-/// Appends one event to the chain; call inside the transaction that does what the event records.
+/// An event waiting, in the group-commit writer, to be chained when its batch commits.
+struct Pending {
+    at: String,
+    actor: Actor,
+    action: String,
+    nhs_number: Option<String>,
+    subject: Option<String>,
+    outcome: String,
+    detail: Option<String>,
+}
+
+thread_local! {
+    /// Set by the group-commit writer for the length of a batch: events are chained and written together at the
+    /// end of the batch, in the batch's transaction, instead of one head update each.
+    static BATCH: std::cell::RefCell<Option<Vec<Pending>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Starts collecting this thread's audit events (the writer, at the start of a batch).
+pub fn begin_batch() {
+    BATCH.with(|b| *b.borrow_mut() = Some(Vec::new()));
+}
+
+/// How many events the batch holds, to undo a failed write's events.
+pub fn batch_mark() -> usize {
+    BATCH.with(|b| b.borrow().as_ref().map_or(0, Vec::len))
+}
+
+pub fn batch_truncate(mark: usize) {
+    BATCH.with(|b| {
+        if let Some(v) = b.borrow_mut().as_mut() {
+            v.truncate(mark);
+        }
+    });
+}
+
+/// Chains and writes the batch's events (one head lock, multi-row inserts, one head update), in order.
+pub fn end_batch(conn: &mut DbConnection) -> Result<(), Error> {
+    let pending = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let (mut seq, mut prev) = lock_audit_head(conn)?;
+    let mut rows = Vec::with_capacity(pending.len());
+    for p in pending {
+        seq += 1;
+        let mut row = AuditRow {
+            seq,
+            at: p.at,
+            actor_ods: p.actor.org,
+            key_id: p.actor.key_id,
+            role: p.actor.role,
+            practitioner: p.actor.practitioner,
+            action: p.action,
+            nhs_number: p.nhs_number,
+            subject: p.subject,
+            outcome: p.outcome,
+            request_id: p.actor.request_id,
+            detail: p.detail,
+            prev_hash: prev,
+            hash: String::new(),
+        };
+        row.hash = row.compute_hash();
+        prev = row.hash.clone();
+        rows.push(row);
+    }
+    for chunk in rows.chunks(400) {
+        crate::db::insert_audit_rows(conn, chunk)?;
+    }
+    diesel::update(audit_head::table.find(1))
+        .set((
+            audit_head::last_seq.eq(seq),
+            audit_head::last_hash.eq(&prev),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Drops a batch's events without writing them (its transaction failed).
+pub fn abandon_batch() {
+    BATCH.with(|b| *b.borrow_mut() = None);
+}
+
+/// Appends one event to the chain; call inside the transaction that does what the event records. Inside the
+/// group-commit writer the event joins its batch and is chained when the batch commits, in the same transaction.
 pub fn append(
     conn: &mut DbConnection,
     at: NaiveDateTime,
     actor: &Actor,
     event: Event<'_>,
-) -> Result<i64, Error> {
+) -> Result<(), Error> {
+    let queued = BATCH.with(|b| match b.borrow_mut().as_mut() {
+        Some(v) => {
+            v.push(Pending {
+                at: format_timestamp(at),
+                actor: actor.clone(),
+                action: event.action.to_string(),
+                nhs_number: event.nhs_number.map(str::to_string),
+                subject: event.subject.map(str::to_string),
+                outcome: event.outcome.to_string(),
+                detail: event.detail.clone(),
+            });
+            true
+        }
+        None => false,
+    });
+    if queued {
+        return Ok(());
+    }
     let (last_seq, last_hash) = lock_audit_head(conn)?;
     let mut row = AuditRow {
         seq: last_seq + 1,
@@ -150,7 +251,7 @@ pub fn append(
             audit_head::last_hash.eq(&row.hash),
         ))
         .execute(conn)?;
-    Ok(row.seq)
+    Ok(())
 }
 
 /// Appends several events at once (a bulk file's rows): one head lock, one multi-row insert, one head update.

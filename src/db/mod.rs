@@ -81,8 +81,15 @@ impl ManageConnection for Manager {
             .map_err(r2d2::Error::QueryError)
     }
 
-    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
-        false
+    /// A connection left inside a transaction (a panic in the middle of one) must never be reused: its next
+    /// "transaction" would only be a savepoint that never commits.
+    fn has_broken(&self, conn: &mut DbConnection) -> bool {
+        use diesel::connection::{TransactionManager, TransactionManagerStatus};
+        type Manager = <DbConnection as Connection>::TransactionManager;
+        match Manager::transaction_manager_status_mut(conn) {
+            TransactionManagerStatus::Valid(v) => v.transaction_depth().is_some(),
+            TransactionManagerStatus::InError => true,
+        }
     }
 }
 
@@ -122,8 +129,12 @@ where
 {
     fn run(self: Box<Self>, conn: &mut DbConnection) -> Completion {
         let TypedJob { f, reply, span } = *self;
-        // A nested transaction is a savepoint: this job's failure undoes only this job.
+        // A nested transaction is a savepoint: this job's failure undoes only this job, audit events included.
+        let mark = crate::audit::batch_mark();
         let result = span.in_scope(|| conn.transaction(f));
+        if result.is_err() {
+            crate::audit::batch_truncate(mark);
+        }
         Box::new(move |commit_error| {
             let result = match commit_error {
                 None => result,
@@ -169,21 +180,35 @@ fn writer_loop(
         let _guard = sqlite.then(|| write_lock.lock().unwrap_or_else(|p| p.into_inner()));
         let conn: &mut DbConnection = &mut conn;
         let mut completions = Vec::with_capacity(batch.len());
-        let committed = conn.transaction(|c| {
-            for job in batch {
-                completions.push(job.run(c));
+        crate::audit::begin_batch();
+        // A panic inside a write must not take the writer (and so every later write) down with it: the batch's
+        // callers get an error, the connection is discarded by the pool, and the writer carries on.
+        let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            conn.transaction(|c| {
+                for job in batch {
+                    completions.push(job.run(c));
+                }
+                crate::audit::end_batch(c)
+            })
+        }));
+        crate::audit::abandon_batch();
+        match committed {
+            Ok(result) => {
+                let error = result.err();
+                for complete in completions {
+                    complete(error.as_ref());
+                }
             }
-            Ok::<_, diesel::result::Error>(())
-        });
-        let error = committed.err();
-        for complete in completions {
-            complete(error.as_ref());
+            Err(_) => {
+                tracing::error!("a write panicked; its batch was rolled back and its callers told")
+            }
         }
     }
 }
 
 impl Db {
     pub fn connect(settings: &DatabaseSettings) -> Result<Self, DbError> {
+        disable_sqlite_memstatus();
         let kind = settings
             .kind()
             .map_err(|e| DbError::Migration(e.to_string()))?;
@@ -268,12 +293,20 @@ impl Db {
             reply,
             span: tracing::Span::current(),
         });
-        let writer = self.writer.clone();
-        // The channel is bounded; waiting for room happens off the async threads.
-        tokio::task::spawn_blocking(move || writer.send(job))
-            .await
-            .map_err(DbError::from)?
-            .map_err(|_| DbError::Migration("the database writer has stopped".into()))?;
+        // The channel is bounded: when it is full, waiting for room happens off the async threads.
+        match self.writer.try_send(job) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                let writer = self.writer.clone();
+                tokio::task::spawn_blocking(move || writer.send(job))
+                    .await
+                    .map_err(DbError::from)?
+                    .map_err(|_| DbError::Migration("the database writer has stopped".into()))?;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                return Err(DbError::Migration("the database writer has stopped".into()).into());
+            }
+        }
         answer
             .await
             .map_err(|_| DbError::Migration("the database writer dropped a write".into()))?
@@ -326,6 +359,29 @@ impl Db {
             .map(|p| !p)
             .map_err(|e| DbError::Migration(e.to_string()))
     }
+}
+
+/// SQLite's memory statistics take a process-wide mutex on every allocation, which the profile of a loaded
+/// server shows as its largest cost; cpis does not read them. This must run before SQLite initialises, so it is
+/// done once, before the first connection; later calls are refused by SQLite and change nothing.
+fn disable_sqlite_memstatus() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config is called before any other SQLite call in the process (the first `connect`),
+        // with the documented arguments for SQLITE_CONFIG_MEMSTATUS (one int).
+        let rc = unsafe {
+            libsqlite3_sys::sqlite3_config(
+                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            )
+        };
+        if rc != libsqlite3_sys::SQLITE_OK {
+            tracing::debug!(
+                rc,
+                "SQLite was already initialised; memory statistics stay on"
+            );
+        }
+    });
 }
 
 fn create_parent_dir(path: &std::path::Path) -> std::io::Result<()> {
