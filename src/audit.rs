@@ -154,6 +154,11 @@ pub fn batch_truncate(mark: usize) {
 /// Chains and writes the batch's events (one head lock, multi-row inserts, one head update), in order.
 pub fn end_batch(conn: &mut DbConnection) -> Result<(), Error> {
     let pending = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
+    write_chained(conn, pending)
+}
+
+/// Chains events after the current head and writes them: one head lock, multi-row inserts, one head update.
+fn write_chained(conn: &mut DbConnection, pending: Vec<Pending>) -> Result<(), Error> {
     if pending.is_empty() {
         return Ok(());
     }
@@ -193,6 +198,20 @@ pub fn end_batch(conn: &mut DbConnection) -> Result<(), Error> {
     Ok(())
 }
 
+impl Pending {
+    fn new(at: NaiveDateTime, actor: &Actor, event: Event<'_>) -> Self {
+        Pending {
+            at: format_timestamp(at),
+            actor: actor.clone(),
+            action: event.action.to_string(),
+            nhs_number: event.nhs_number.map(str::to_string),
+            subject: event.subject.map(str::to_string),
+            outcome: event.outcome.to_string(),
+            detail: event.detail,
+        }
+    }
+}
+
 /// Drops a batch's events without writing them (its transaction failed).
 pub fn abandon_batch() {
     BATCH.with(|b| *b.borrow_mut() = None);
@@ -206,52 +225,18 @@ pub fn append(
     actor: &Actor,
     event: Event<'_>,
 ) -> Result<(), Error> {
-    let queued = BATCH.with(|b| match b.borrow_mut().as_mut() {
-        Some(v) => {
-            v.push(Pending {
-                at: format_timestamp(at),
-                actor: actor.clone(),
-                action: event.action.to_string(),
-                nhs_number: event.nhs_number.map(str::to_string),
-                subject: event.subject.map(str::to_string),
-                outcome: event.outcome.to_string(),
-                detail: event.detail.clone(),
-            });
-            true
+    let event = Pending::new(at, actor, event);
+    let unqueued = BATCH.with(|b| match b.borrow_mut().as_mut() {
+        Some(batch) => {
+            batch.push(event);
+            None
         }
-        None => false,
+        None => Some(event),
     });
-    if queued {
-        return Ok(());
+    match unqueued {
+        None => Ok(()),
+        Some(event) => write_chained(conn, vec![event]),
     }
-    let (last_seq, last_hash) = lock_audit_head(conn)?;
-    let mut row = AuditRow {
-        seq: last_seq + 1,
-        at: format_timestamp(at),
-        actor_ods: actor.org.clone(),
-        key_id: actor.key_id.clone(),
-        role: actor.role.clone(),
-        practitioner: actor.practitioner.clone(),
-        action: event.action.to_string(),
-        nhs_number: event.nhs_number.map(str::to_string),
-        subject: event.subject.map(str::to_string),
-        outcome: event.outcome.to_string(),
-        request_id: actor.request_id.clone(),
-        detail: event.detail,
-        prev_hash: last_hash,
-        hash: String::new(),
-    };
-    row.hash = row.compute_hash();
-    diesel::insert_into(audit_events::table)
-        .values(&row)
-        .execute(conn)?;
-    diesel::update(audit_head::table.find(1))
-        .set((
-            audit_head::last_seq.eq(row.seq),
-            audit_head::last_hash.eq(&row.hash),
-        ))
-        .execute(conn)?;
-    Ok(())
 }
 
 /// Appends several events at once (a bulk file's rows): one head lock, one multi-row insert, one head update.
@@ -261,44 +246,13 @@ pub fn append_many(
     actor: &Actor,
     events: Vec<Event<'_>>,
 ) -> Result<(), Error> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let (mut seq, mut prev) = lock_audit_head(conn)?;
-    let at = format_timestamp(at);
-    let mut rows = Vec::with_capacity(events.len());
-    for event in events {
-        seq += 1;
-        let mut row = AuditRow {
-            seq,
-            at: at.clone(),
-            actor_ods: actor.org.clone(),
-            key_id: actor.key_id.clone(),
-            role: actor.role.clone(),
-            practitioner: actor.practitioner.clone(),
-            action: event.action.to_string(),
-            nhs_number: event.nhs_number.map(str::to_string),
-            subject: event.subject.map(str::to_string),
-            outcome: event.outcome.to_string(),
-            request_id: actor.request_id.clone(),
-            detail: event.detail,
-            prev_hash: prev,
-            hash: String::new(),
-        };
-        row.hash = row.compute_hash();
-        prev = row.hash.clone();
-        rows.push(row);
-    }
-    for chunk in rows.chunks(400) {
-        crate::db::insert_audit_rows(conn, chunk)?;
-    }
-    diesel::update(audit_head::table.find(1))
-        .set((
-            audit_head::last_seq.eq(seq),
-            audit_head::last_hash.eq(&prev),
-        ))
-        .execute(conn)?;
-    Ok(())
+    write_chained(
+        conn,
+        events
+            .into_iter()
+            .map(|e| Pending::new(at, actor, e))
+            .collect(),
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
