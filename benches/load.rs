@@ -161,22 +161,7 @@ fn seed(db: &Db, args: &Args) -> (String, String, String, Vec<String>) {
     while done < args.persons {
         let n = (args.persons - done).min(20_000);
         let people = generator.population(n);
-        let mut persons: Vec<PersonRow> = people
-            .iter()
-            .map(|p| PersonRow {
-                id: uuid::Uuid::new_v4().to_string(),
-                nhs_number: Some(p.nhs_number.clone()),
-                given_name: Some(p.given_name.clone()),
-                family_name: Some(p.family_name.clone()),
-                birth_date: Some(p.birth_date),
-                sex: Some(p.sex.to_string()),
-                postcode: Some(p.postcode.clone()),
-                name_key: None,
-                postcode_key: None,
-                created_at: now,
-                updated_at: now,
-            })
-            .collect();
+        let mut persons: Vec<PersonRow> = people.iter().map(|p| p.person_row(now)).collect();
         let plans: Vec<PlanRow> = people
             .iter()
             .enumerate()

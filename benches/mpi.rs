@@ -62,22 +62,7 @@ fn open_db(dir: &tempfile::TempDir) -> Db {
 
 fn load(db: &Db, people: &[Person]) -> Duration {
     let now = chrono::Utc::now().naive_utc();
-    let mut rows: Vec<PersonRow> = people
-        .iter()
-        .map(|p| PersonRow {
-            id: uuid::Uuid::new_v4().to_string(),
-            nhs_number: Some(p.nhs_number.clone()),
-            given_name: Some(p.given_name.clone()),
-            family_name: Some(p.family_name.clone()),
-            birth_date: Some(p.birth_date),
-            sex: Some(p.sex.to_string()),
-            postcode: Some(p.postcode.clone()),
-            name_key: None,
-            postcode_key: None,
-            created_at: now,
-            updated_at: now,
-        })
-        .collect();
+    let mut rows: Vec<PersonRow> = people.iter().map(|p| p.person_row(now)).collect();
     let started = Instant::now();
     for chunk in rows.chunks_mut(50_000) {
         db.write_blocking(|conn| {

@@ -138,23 +138,6 @@ impl AttendanceRow {
     }
 }
 
-/// Applies a resolution to a stored (or about to be stored) attendance: the match fields, the flagged access,
-/// and what the MPI learns from it. Answers what the setting is told.
-/// Where notifications go and what they may say.
-pub struct NotifyContext<'a> {
-    pub delivery: &'a crate::config::DeliverySettings,
-    pub public_base_url: &'a str,
-}
-
-impl<'a> NotifyContext<'a> {
-    pub fn of(state: &'a AppState) -> Self {
-        NotifyContext {
-            delivery: &state.settings.delivery,
-            public_base_url: &state.settings.server.public_base_url,
-        }
-    }
-}
-
 /// Initials of the child a plan names, the most of a name a notification carries.
 pub fn initials(plans: &[crate::db::models::PlanRow]) -> Option<String> {
     plans
@@ -169,13 +152,15 @@ pub fn initials(plans: &[crate::db::models::PlanRow]) -> Option<String> {
         })
 }
 
+/// Applies a resolution to a stored (or about to be stored) attendance: the match fields, the flagged access,
+/// what the MPI learns from it, and the notifications. Answers what the setting is told.
 pub fn apply_resolution(
     conn: &mut DbConnection,
     now: NaiveDateTime,
     today: NaiveDate,
     att: &mut AttendanceRow,
     resolution: &Resolution,
-    notify: &NotifyContext,
+    settings: &crate::config::Settings,
 ) -> Result<(FlagView, Vec<String>), Error> {
     att.match_status = resolution.status.as_str().to_string();
     att.match_method = Some(resolution.method.as_str().to_string());
@@ -212,8 +197,7 @@ pub fn apply_resolution(
         notifications = notify::enqueue(
             conn,
             now,
-            notify.delivery,
-            notify.public_base_url,
+            settings,
             &view.active_plans,
             &notify::Occurrence {
                 event: notify::ATTENDANCE_FLAGGED,
@@ -314,13 +298,11 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
                     role: Some("job:rematch".into()),
                     ..Default::default()
                 };
-                let delivery = state.settings.delivery.clone();
-                let base = state.settings.server.public_base_url.clone();
+                let settings = state.settings.clone();
                 let (flagged, notified) = state
                     .db
                     .write(move |conn| {
-                        let ctx = NotifyContext { delivery: &delivery, public_base_url: &base };
-                        let (view, notified) = apply_resolution(conn, now, today, &mut att, &resolution, &ctx)?;
+                        let (view, notified) = apply_resolution(conn, now, today, &mut att, &resolution, &settings)?;
                         att.rematch_attempts += 1;
                         update(conn, &att)?;
                         audit::append(conn, now, &actor, Event {

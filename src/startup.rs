@@ -23,6 +23,8 @@ pub struct AppState {
     /// Names this process in delivery leases.
     pub instance_id: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// `delivery.retry_schedule`, parsed once.
+    pub retry_schedule: Vec<std::time::Duration>,
     /// Recently seen API keys (by hash) with their organisation's region, for at most `KEY_CACHE_SECS`; emptied
     /// in this process by any key or organisation change.
     pub keys: moka::sync::Cache<String, (crate::db::models::ApiKeyRow, Option<String>)>,
@@ -52,6 +54,7 @@ impl AppState {
         let webhooks = Arc::new(crate::notify::webhook::HttpWebhookClient::new(
             &settings.webhook,
         )?);
+        let retry_schedule = settings.delivery.schedule()?;
         Ok(AppState {
             db,
             settings: Arc::new(settings),
@@ -65,6 +68,7 @@ impl AppState {
             deliver_wakeup: Arc::new(tokio::sync::Notify::new()),
             instance_id: uuid::Uuid::new_v4().to_string(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            retry_schedule,
             keys: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(KEY_CACHE_SECS))

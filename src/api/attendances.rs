@@ -167,8 +167,7 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    let delivery = state.settings.delivery.clone();
-    let base = state.settings.server.public_base_url.clone();
+    let settings = state.settings.clone();
     let stored = state
         .db
         .write(move |conn| {
@@ -176,9 +175,8 @@ pub async fn create(
             if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
                 return Ok::<_, ApiError>(Err(existing));
             }
-            let ctx = attendances::NotifyContext { delivery: &delivery, public_base_url: &base };
             let (view, notified) = match &resolution {
-                Some(r) => attendances::apply_resolution(conn, now, today, &mut att, r, &ctx)?,
+                Some(r) => attendances::apply_resolution(conn, now, today, &mut att, r, &settings)?,
                 None => (FlagView::default(), Vec::new()),
             };
             attendances::insert(conn, &att)?;

@@ -151,8 +151,7 @@ pub async fn perform(
         .with_practitioner(check.practitioner.clone());
     let now = state.clock.now_naive();
     let key_id = principal.key_id.clone();
-    let delivery = state.settings.delivery.clone();
-    let base = state.settings.server.public_base_url.clone();
+    let settings = state.settings.clone();
     // Reads run on the pool, in parallel with other requests; only the writes go to the group-commit writer.
     let setting = check.setting_ods.clone();
     let (view, recent, setting_name, resolution) = state
@@ -202,8 +201,7 @@ pub async fn perform(
                 notified = notify::enqueue(
                     conn,
                     now,
-                    &delivery,
-                    &base,
+                    &settings,
                     &view.active_plans,
                     &notify::Occurrence {
                         event: notify::FLAG_ACCESSED,

@@ -444,6 +444,25 @@ pub struct Person {
     pub postcode: String,
 }
 
+impl Person {
+    /// The person as the built-in MPI stores them (blocking keys are computed on insert).
+    pub fn person_row(&self, now: chrono::NaiveDateTime) -> super::builtin::PersonRow {
+        super::builtin::PersonRow {
+            id: uuid::Uuid::new_v4().to_string(),
+            nhs_number: Some(self.nhs_number.clone()),
+            given_name: Some(self.given_name.clone()),
+            family_name: Some(self.family_name.clone()),
+            birth_date: Some(self.birth_date),
+            sex: Some(self.sex.to_string()),
+            postcode: Some(self.postcode.clone()),
+            name_key: None,
+            postcode_key: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 /// A description of someone, as a care setting might send it, with the errors it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Description {

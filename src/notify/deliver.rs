@@ -249,12 +249,16 @@ async fn record(
     elapsed: Duration,
 ) -> anyhow::Result<Outcome> {
     let now = state.clock.now_naive();
-    let schedule = state.settings.delivery.schedule()?;
     let attempts = d.attempts + 1;
-    let (status, next_at) = next_state(&sent, attempts, &schedule, now, backoff::random_jitter());
+    let (status, next_at) = next_state(
+        &sent,
+        attempts,
+        &state.retry_schedule,
+        now,
+        backoff::random_jitter(),
+    );
     let instance = state.instance_id.clone();
-    let fallback = state.settings.mail.fallback_address.clone();
-    let base = state.settings.server.public_base_url.clone();
+    let settings = state.settings.clone();
     if let Some(e) = &sent.error {
         tracing::warn!(notification = %n.id, channel = %d.channel, attempt = attempts, status, code = ?sent.code, error = %e, "delivery attempt failed");
     }
@@ -315,9 +319,9 @@ async fn record(
             let before = NotificationRow::find(conn, &n.id)?.map(|r| r.status).unwrap_or_default();
             let overall = refresh_status(conn, &n.id, now)?;
             if overall == DEAD && before != DEAD && n.event != DELIVERY_EXHAUSTED {
-                match &fallback {
+                match &settings.mail.fallback_address {
                     Some(address) => {
-                        enqueue_exhausted(conn, now, &n, address, &base)?;
+                        enqueue_exhausted(conn, now, &n, address, &settings.server.public_base_url)?;
                     }
                     None => tracing::error!(notification = %n.id, "notification is dead and no mail.fallback_address is configured"),
                 }

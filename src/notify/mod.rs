@@ -8,7 +8,7 @@ pub mod email;
 pub mod webhook;
 
 use crate::clock::format_timestamp;
-use crate::config::{DeliverySettings, SensitivePolicy};
+use crate::config::SensitivePolicy;
 use crate::db::models::PlanRow;
 use crate::db::schema::{deliveries, delivery_attempts, delivery_endpoints, notifications};
 use crate::db::DbConnection;
@@ -323,11 +323,11 @@ pub struct Occurrence<'a> {
 pub fn enqueue(
     conn: &mut DbConnection,
     now: NaiveDateTime,
-    settings: &DeliverySettings,
-    public_base_url: &str,
+    config: &crate::config::Settings,
     plans: &[PlanRow],
     occ: &Occurrence,
 ) -> Result<Vec<String>, Error> {
+    let (settings, public_base_url) = (&config.delivery, config.server.public_base_url.as_str());
     let sensitive = occ.setting_type.is_some_and(SettingType::is_sensitive);
     if sensitive && settings.sensitive_settings == SensitivePolicy::DoNotNotify {
         return Ok(Vec::new());
