@@ -50,6 +50,19 @@ struct Args {
     /// Notifications in the delivery backlog.
     #[arg(long, default_value_t = 5_000)]
     notifications: usize,
+    /// Scenarios to run, comma-separated, from `hit,miss,attendance,import,delivery` (the reference always runs).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "hit,miss,attendance,import,delivery"
+    )]
+    scenarios: Vec<String>,
+}
+
+impl Args {
+    fn runs(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == scenario)
+    }
 }
 
 struct Target {
@@ -358,6 +371,50 @@ where
     }
 }
 
+/// The server's group-commit counters: (transactions, writes).
+async fn writer_counts(client: &reqwest::Client, base: &str) -> (f64, f64) {
+    let text = match client.get(format!("{base}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("cpis_db_write_batches_total "),
+        value("cpis_db_writes_total "),
+    )
+}
+
+/// Runs one HTTP scenario and prints its row, with the writer's commits per second and mean batch.
+async fn scenario<F>(
+    client: &reqwest::Client,
+    base: &str,
+    args: &Args,
+    name: &str,
+    reference: Option<Figures>,
+    make: F,
+) -> Figures
+where
+    F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    let before = writer_counts(client, base).await;
+    let f = load(client, args.concurrency, args.seconds, make).await;
+    let after = writer_counts(client, base).await;
+    row(name, f, reference);
+    let (batches, writes) = (after.0 - before.0, after.1 - before.1);
+    if batches > 0.0 {
+        println!(
+            "|   (writer: {:.0} commits/s, {:.1} writes per commit) | | | | | | |",
+            batches / args.seconds as f64,
+            writes / batches
+        );
+    }
+    f
+}
+
 fn row(name: &str, f: Figures, reference: Option<Figures>) {
     let ratio = reference
         .map(|r| format!("{:.0}%", 100.0 * f.per_sec / r.per_sec))
@@ -383,7 +440,7 @@ async fn run(args: Args) {
     settings.database.pool_size = 8;
     let db = Db::connect(&settings.database).unwrap();
     db.migrate().unwrap();
-    let (la_key, ed_key, admin_key, flagged) = tokio::task::block_in_place(|| seed(&db, &args));
+    let (la_key, ed_key, _admin_key, flagged) = tokio::task::block_in_place(|| seed(&db, &args));
     let flagged = Arc::new(flagged);
     let misses: Arc<Vec<String>> = Arc::new(
         NhsNumbers::default()
@@ -419,42 +476,87 @@ async fn run(args: Args) {
     .await;
     row("GET /health/live (reference)", health, None);
 
-    let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
-    let hits = load(&client, args.concurrency, args.seconds, move |c, n| {
-        let nhs = &f[(n * 7919) % f.len()];
-        c.post(format!("{b}/v1/flag-checks"))
-            .bearer_auth(&k)
-            .json(&serde_json::json!({"patient": {"nhs_number": nhs}, "setting_type": "ED"}))
-    })
-    .await;
-    peak_rss = peak_rss.max(rss_mb(server.child.id()));
-    row("flag check, hit", hits, Some(health));
+    if args.runs("hit") {
+        let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
+        scenario(
+            &client,
+            &base,
+            &args,
+            "flag check, hit",
+            Some(health),
+            move |c, n| {
+                let nhs = &f[(n * 7919) % f.len()];
+                c.post(format!("{b}/v1/flag-checks")).bearer_auth(&k).json(
+                    &serde_json::json!({"patient": {"nhs_number": nhs}, "setting_type": "ED"}),
+                )
+            },
+        )
+        .await;
+        peak_rss = peak_rss.max(rss_mb(server.child.id()));
+    }
 
-    let (b, k, m) = (base.clone(), ed_key.clone(), misses.clone());
-    let miss = load(&client, args.concurrency, args.seconds, move |c, n| {
-        c.post(format!("{b}/v1/flag-checks"))
-            .bearer_auth(&k)
-            .json(&serde_json::json!({"patient": {"nhs_number": m[n % m.len()]}}))
-    })
-    .await;
-    row("flag check, miss", miss, Some(health));
+    if args.runs("miss") {
+        let (b, k, m) = (base.clone(), ed_key.clone(), misses.clone());
+        scenario(
+            &client,
+            &base,
+            &args,
+            "flag check, miss",
+            Some(health),
+            move |c, n| {
+                c.post(format!("{b}/v1/flag-checks"))
+                    .bearer_auth(&k)
+                    .json(&serde_json::json!({"patient": {"nhs_number": m[n % m.len()]}}))
+            },
+        )
+        .await;
+        peak_rss = peak_rss.max(rss_mb(server.child.id()));
+    }
 
-    let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
     let run_id = std::process::id();
-    let attend = load(&client, args.concurrency, args.seconds, move |c, n| {
-        let nhs = &f[(n * 104_729) % f.len()];
-        c.post(format!("{b}/v1/attendances"))
-            .bearer_auth(&k)
-            .json(&serde_json::json!({
+    if args.runs("attendance") {
+        let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
+        scenario(
+            &client,
+            &base,
+            &args,
+            "attendance (flagged child)",
+            Some(health),
+            move |c, n| {
+                let nhs = &f[(n * 104_729) % f.len()];
+                c.post(format!("{b}/v1/attendances"))
+                    .bearer_auth(&k)
+                    .json(&serde_json::json!({
             "attendance_id": format!("BENCH-{run_id}-{n}"), "setting_ods": ED, "setting_type": "ED",
             "arrived_at": chrono::Utc::now().to_rfc3339(), "patient": {"nhs_number": nhs}}))
-    })
-    .await;
-    peak_rss = peak_rss.max(rss_mb(server.child.id()));
-    row("attendance (flagged child)", attend, Some(health));
+            },
+        )
+        .await;
+        peak_rss = peak_rss.max(rss_mb(server.child.id()));
+    }
     println!("\nserver resident set, peak seen under load: {peak_rss:.0} MB");
 
-    // Bulk import: a CSV of new plans, against the database's own multi-row insert of the same rows.
+    if args.runs("import") {
+        bulk_import(&args, &db, &client, &base, &la_key).await;
+    }
+    drop(server);
+    if args.runs("delivery") {
+        delivery(
+            &args,
+            &t,
+            &db,
+            &client,
+            &no_jobs,
+            (&la_key, &ed_key),
+            &flagged,
+            run_id,
+        )
+        .await;
+    }
+}
+
+/// Bulk import: a CSV of new plans, against the database's own multi-row insert of the same rows.
+async fn bulk_import(args: &Args, db: &Db, client: &reqwest::Client, base: &str, la_key: &str) {
     let mut generator = Generator::new(99, chrono::Utc::now().date_naive());
     let import_people: Vec<Person> = {
         let mut numbers = NhsNumbers::default().skip(args.persons + 200_000);
@@ -477,7 +579,7 @@ async fn run(args: Args) {
     let started = Instant::now();
     let resp = client
         .post(format!("{base}/v1/plans/bulk"))
-        .bearer_auth(&la_key)
+        .bearer_auth(la_key)
         .header("content-type", "text/csv")
         .body(csv)
         .send()
@@ -521,9 +623,21 @@ async fn run(args: Args) {
         raw_rate,
         100.0 * import_rate / raw_rate
     );
-    drop(server);
+}
 
-    // Delivery: a backlog of notifications to a local webhook receiver and a local SMTP server (STARTTLS).
+/// Delivery: a backlog of notifications to a local webhook receiver and a local SMTP server (STARTTLS), then
+/// attendance-to-webhook latency with the deliverer running.
+#[allow(clippy::too_many_arguments)]
+async fn delivery(
+    args: &Args,
+    t: &Target,
+    db: &Db,
+    client: &reqwest::Client,
+    no_jobs: &[(&str, &str); 4],
+    (la_key, ed_key): (&str, &str),
+    flagged: &[String],
+    run_id: u32,
+) {
     let receiver = receiver::start_receiver();
     let smtp_server = smtp::start_smtp(0).await;
     let admin_server = serve(
@@ -539,7 +653,7 @@ async fn run(args: Args) {
     );
     let put: serde_json::Value = client
         .put(format!("{}/v1/organisations/{LA}/delivery", admin_server.address))
-        .bearer_auth(&la_key)
+        .bearer_auth(la_key)
         .json(&serde_json::json!({"email": ["mash@birmingham.example.org"], "webhook": {"url": receiver.url}}))
         .send()
         .await
@@ -548,7 +662,6 @@ async fn run(args: Args) {
         .await
         .unwrap();
     receiver.trust(put["webhook"]["secret"].as_str().unwrap_or_default());
-    let _ = admin_key;
     // Clear what the HTTP scenarios left so the backlog is exactly what follows.
     {
         use diesel::connection::SimpleConnection;
@@ -563,7 +676,7 @@ async fn run(args: Args) {
         let nhs = &flagged[(i * 31) % (flagged.len() - 1000)];
         let r: serde_json::Value = client
             .post(format!("{}/v1/attendances", admin_server.address))
-            .bearer_auth(&ed_key)
+            .bearer_auth(ed_key)
             .json(&serde_json::json!({"attendance_id": format!("DLV-{run_id}-{i}"), "setting_ods": ED, "setting_type": "ED",
                                       "arrived_at": chrono::Utc::now().to_rfc3339(), "patient": {"nhs_number": nhs}}))
             .send()
@@ -628,7 +741,7 @@ async fn run(args: Args) {
         let t0 = Instant::now();
         let r: serde_json::Value = client
             .post(format!("{}/v1/attendances", deliverer.address))
-            .bearer_auth(&ed_key)
+            .bearer_auth(ed_key)
             .json(&serde_json::json!({"attendance_id": format!("LAT-{run_id}-{i}"), "setting_ods": "RXK01", "setting_type": "ED",
                                       "arrived_at": chrono::Utc::now().to_rfc3339(), "patient": {"nhs_number": nhs}}))
             .send()

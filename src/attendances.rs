@@ -174,7 +174,7 @@ pub fn apply_resolution(
         AccessRow::insert(
             conn,
             &AccessRow {
-                id: uuid::Uuid::new_v4().to_string(),
+                id: crate::db::new_id(),
                 nhs_number: nhs.clone(),
                 at: att.arrived_at,
                 setting_ods: att.setting_ods.clone(),

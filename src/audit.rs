@@ -225,7 +225,11 @@ pub fn append(
     actor: &Actor,
     event: Event<'_>,
 ) -> Result<(), Error> {
-    let event = Pending::new(at, actor, event);
+    queue_or_write(conn, Pending::new(at, actor, event))
+}
+
+/// Joins the writer's batch when there is one; otherwise chains and writes the event at once.
+fn queue_or_write(conn: &mut DbConnection, event: Pending) -> Result<(), Error> {
     let unqueued = BATCH.with(|b| match b.borrow_mut().as_mut() {
         Some(batch) => {
             batch.push(event);
@@ -237,6 +241,20 @@ pub fn append(
         None => Ok(()),
         Some(event) => write_chained(conn, vec![event]),
     }
+}
+
+/// Records an event that goes with no other write (a check that found nothing, an audited read): it joins the
+/// group-commit writer's next batch without a transaction of its own, and this answers once that batch has
+/// committed.
+pub async fn record(
+    db: &crate::db::Db,
+    at: NaiveDateTime,
+    actor: &Actor,
+    event: Event<'_>,
+) -> Result<(), crate::db::DbError> {
+    let event = Pending::new(at, actor, event);
+    db.write_audit_only(move |conn| queue_or_write(conn, event).map_err(crate::db::DbError::from))
+        .await
 }
 
 /// Appends several events at once (a bulk file's rows): one head lock, one multi-row insert, one head update.

@@ -126,6 +126,14 @@ impl Metrics {
         }
     }
 
+    /// Adds the database writer's counters (batches committed, writes carried).
+    pub fn register_db(&self, db: &crate::db::Db) {
+        for c in [&db.stats.batches, &db.stats.writes] {
+            // Registered once per process; a second state over the same database (tests) keeps the first.
+            let _ = self.registry.register(Box::new(c.clone()));
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();

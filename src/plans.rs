@@ -271,7 +271,7 @@ pub fn register(
     let existing = PlanRow::find_by_reference(conn, la, &input.local_reference)?;
     let (row, outcome) = match existing {
         None => {
-            let row = row_from_input(input, la, uuid::Uuid::new_v4().to_string(), 1, now, now);
+            let row = row_from_input(input, la, crate::db::new_id(), 1, now, now);
             PlanRow::insert(conn, &row)?;
             (row, Registered::Created)
         }
@@ -366,7 +366,7 @@ pub fn register_many(
     for input in inputs {
         match existing.get(&input.local_reference) {
             None => {
-                let row = row_from_input(input, la, uuid::Uuid::new_v4().to_string(), 1, now, now);
+                let row = row_from_input(input, la, crate::db::new_id(), 1, now, now);
                 fresh.push(row.clone());
                 results.push((row, Registered::Created));
             }

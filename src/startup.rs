@@ -55,6 +55,8 @@ impl AppState {
             &settings.webhook,
         )?);
         let retry_schedule = settings.delivery.schedule()?;
+        let metrics = crate::metrics::Metrics::new();
+        metrics.register_db(&db);
         Ok(AppState {
             db,
             settings: Arc::new(settings),
@@ -67,7 +69,7 @@ impl AppState {
             },
             deliver_wakeup: Arc::new(tokio::sync::Notify::new()),
             instance_id: uuid::Uuid::new_v4().to_string(),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
+            metrics: Arc::new(metrics),
             retry_schedule,
             keys: moka::sync::Cache::builder()
                 .max_capacity(100_000)

@@ -141,7 +141,7 @@ pub async fn create(
     };
     let d = patient.demographics.clone().unwrap_or_default();
     let mut att = AttendanceRow {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: crate::db::new_id(),
         setting_ods,
         attendance_id,
         setting_type: setting_type.expect("validated").as_str().to_string(),

@@ -135,28 +135,15 @@ pub async fn perform(
     check: CheckRequest,
 ) -> Result<Checked, ApiError> {
     let today = state.clock.today();
-    let resolution = state
-        .mpi
-        .resolve(&check.patient)
-        .await
-        .map_err(mpi_unavailable)?;
-    state
-        .metrics
-        .matches
-        .with_label_values(&[resolution.status.as_str(), resolution.method.as_str()])
-        .inc();
-    let access_label = check.access.as_str();
-    let actor = principal
-        .actor(role)
-        .with_practitioner(check.practitioner.clone());
-    let now = state.clock.now_naive();
-    let key_id = principal.key_id.clone();
-    let settings = state.settings.clone();
-    // Reads run on the pool, in parallel with other requests; only the writes go to the group-commit writer.
+    // The resolution and the reads it leads to (plans, contacts, recent accesses) share one read; only the
+    // writes go to the group-commit writer.
     let setting = check.setting_ods.clone();
-    let (view, recent, setting_name, resolution) = state
-        .db
-        .run(move |conn| {
+    let (view, recent, setting_name, resolution) = crate::mpi::resolve_then(
+        &*state.mpi,
+        &state.db,
+        &check.patient,
+        move |conn, resolved| {
+            let resolution = resolved.map_err(mpi_unavailable)?;
             let view = flags::view(conn, &resolution, today, None)?;
             let matched = resolution.status == MatchStatus::Matched;
             // The caller sees the accesses before this one; this one shows up in the next check.
@@ -170,104 +157,142 @@ pub async fn perform(
                 None
             };
             Ok::<_, ApiError>((view, recent, setting_name, resolution))
-        })
+        },
+    )
+    .await?;
+    state
+        .metrics
+        .matches
+        .with_label_values(&[resolution.status.as_str(), resolution.method.as_str()])
+        .inc();
+    let access_label = check.access.as_str();
+    let actor = principal
+        .actor(role)
+        .with_practitioner(check.practitioner.clone());
+    let now = state.clock.now_naive();
+    let key_id = principal.key_id.clone();
+    let settings = state.settings.clone();
+    let outcome = match resolution.status {
+        MatchStatus::Matched if view.hit => "hit",
+        MatchStatus::Possible if !view.flags.is_empty() => "possible_hit",
+        _ => "miss",
+    };
+    let audited_nhs = view.nhs_number.clone().or(check
+        .patient
+        .nhs_number
+        .as_ref()
+        .map(|n| n.as_str().to_string()));
+    let detail = json!({
+        "access": check.access.as_str(),
+        "setting_ods": check.setting_ods,
+        "match": resolution.status.as_str(),
+        "method": resolution.method.as_str(),
+        "score": resolution.score,
+    })
+    .to_string();
+    let action = check.action;
+    let hit = match (view.hit, &view.nhs_number) {
+        (true, Some(nhs)) => Some((nhs.clone(), view.active_plans.clone())),
+        _ => None,
+    };
+    let method = resolution.method.as_str();
+    let checked = Checked {
+        resolution,
+        view,
+        recent,
+    };
+    let Some((nhs, active_plans)) = hit else {
+        // Nothing to record but the check itself.
+        audit::record(
+            &state.db,
+            now,
+            &actor,
+            check_event(action, audited_nhs.as_deref(), outcome, detail),
+        )
         .await?;
-    let (checked, notified, outcome) = state
+        count_check(state, outcome, access_label);
+        return Ok(checked);
+    };
+    let (setting_ods, setting_type, access) = (check.setting_ods, check.setting_type, check.access);
+    let (practitioner_name, practitioner_role) = (check.practitioner_name, check.practitioner_role);
+    let notified = state
         .db
         .write(move |conn| {
-            if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
-                AccessRow::insert(
-                    conn,
-                    &AccessRow {
-                        id: uuid::Uuid::new_v4().to_string(),
-                        nhs_number: nhs.clone(),
-                        at: now,
-                        setting_ods: check.setting_ods.clone(),
-                        setting_type: check.setting_type.map(|t| t.as_str().to_string()),
-                        kind: "check".into(),
-                        access: check.access.as_str().into(),
-                        practitioner_name: check.practitioner_name.clone(),
-                        practitioner_role: check.practitioner_role.clone(),
-                        key_id: Some(key_id),
-                    },
-                )?;
-            }
+            AccessRow::insert(
+                conn,
+                &AccessRow {
+                    id: crate::db::new_id(),
+                    nhs_number: nhs.clone(),
+                    at: now,
+                    setting_ods: setting_ods.clone(),
+                    setting_type: setting_type.map(|t| t.as_str().to_string()),
+                    kind: "check".into(),
+                    access: access.as_str().into(),
+                    practitioner_name,
+                    practitioner_role,
+                    key_id: Some(key_id),
+                },
+            )?;
             // An unscheduled check of a flagged child is told to the responsible authorities; a scheduled one is
             // a silent read.
             let mut notified = Vec::new();
-            if let (true, AccessKind::Unscheduled, Some(nhs)) =
-                (view.hit, check.access, &view.nhs_number)
-            {
+            if access == AccessKind::Unscheduled {
                 notified = notify::enqueue(
                     conn,
                     now,
                     &settings,
-                    &view.active_plans,
+                    &active_plans,
                     &notify::Occurrence {
                         event: notify::FLAG_ACCESSED,
-                        nhs_number: nhs,
-                        initials: crate::attendances::initials(&view.active_plans),
-                        setting_ods: &check.setting_ods,
+                        nhs_number: &nhs,
+                        initials: crate::attendances::initials(&active_plans),
+                        setting_ods: &setting_ods,
                         setting_name: setting_name.as_deref(),
-                        setting_type: check.setting_type,
+                        setting_type,
                         occurred_at: now,
                         attendance_ref: None,
                         review: false,
-                        match_method: resolution.method.as_str(),
+                        match_method: method,
                     },
                 )?;
             }
-            let audited_nhs = view.nhs_number.as_deref().or(check
-                .patient
-                .nhs_number
-                .as_ref()
-                .map(|n| n.as_str()));
-            let outcome = match resolution.status {
-                MatchStatus::Matched if view.hit => "hit",
-                MatchStatus::Possible if !view.flags.is_empty() => "possible_hit",
-                _ => "miss",
-            };
             audit::append(
                 conn,
                 now,
                 &actor,
-                Event {
-                    action: check.action,
-                    nhs_number: audited_nhs,
-                    outcome,
-                    detail: Some(
-                        json!({
-                            "access": check.access.as_str(),
-                            "setting_ods": check.setting_ods,
-                            "match": resolution.status.as_str(),
-                            "method": resolution.method.as_str(),
-                            "score": resolution.score,
-                        })
-                        .to_string(),
-                    ),
-                    ..Default::default()
-                },
+                check_event(action, audited_nhs.as_deref(), outcome, detail),
             )?;
-            Ok::<_, ApiError>((
-                Checked {
-                    resolution,
-                    view,
-                    recent,
-                },
-                !notified.is_empty(),
-                outcome,
-            ))
+            Ok::<_, ApiError>(!notified.is_empty())
         })
         .await?;
     if notified {
         state.wake_deliverer();
     }
+    count_check(state, outcome, access_label);
+    Ok(checked)
+}
+
+fn check_event<'a>(
+    action: &'a str,
+    nhs_number: Option<&'a str>,
+    outcome: &'a str,
+    detail: String,
+) -> Event<'a> {
+    Event {
+        action,
+        nhs_number,
+        outcome,
+        detail: Some(detail),
+        ..Default::default()
+    }
+}
+
+fn count_check(state: &AppState, outcome: &str, access: &str) {
     state
         .metrics
         .checks
-        .with_label_values(&[outcome, access_label])
+        .with_label_values(&[outcome, access])
         .inc();
-    Ok(checked)
 }
 
 #[utoipa::path(post, path = "/v1/flag-checks", tag = "flags", request_body = CheckBody, security(("bearer" = [])), responses((status = 200, description = "`{match: {status, method, score}, flags: [...], recent_accesses: [...]}`"), (status = 422, body = ProblemDoc), (status = 503, description = "The region's MPI is unavailable", body = ProblemDoc)))]

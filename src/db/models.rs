@@ -33,6 +33,9 @@ impl Organisation {
     }
 
     pub fn find_many(conn: &mut DbConnection, codes: &[String]) -> Result<Vec<Self>, Error> {
+        if codes.is_empty() {
+            return Ok(Vec::new());
+        }
         organisations::table
             .filter(organisations::ods_code.eq_any(codes))
             .select(Self::as_select())

@@ -107,6 +107,10 @@ impl Mpi for BuiltinMpi {
             })
             .await
     }
+
+    fn in_database(&self, _query: &PatientQuery) -> Option<Thresholds> {
+        Some(self.thresholds)
+    }
 }
 
 /// NHS number, then linked identifier, then demographics; the first that finds someone wins.
@@ -282,7 +286,7 @@ pub fn upsert_person(
         }
     }
     let mut row = PersonRow {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: crate::db::new_id(),
         nhs_number: nhs.map(str::to_string),
         given_name: None,
         family_name: None,
@@ -417,7 +421,7 @@ pub fn upsert_persons(
             apply_demographics(row, d);
         } else {
             let mut row = PersonRow {
-                id: uuid::Uuid::new_v4().to_string(),
+                id: crate::db::new_id(),
                 nhs_number: Some(nhs.to_string()),
                 given_name: None,
                 family_name: None,

@@ -198,6 +198,49 @@ pub enum MpiError {
 #[async_trait::async_trait]
 pub trait Mpi: Send + Sync {
     async fn resolve(&self, query: &PatientQuery) -> Result<Resolution, MpiError>;
+
+    /// When this MPI would answer `query` from cpis's own database (the built-in MPI), its thresholds, so that a
+    /// caller can resolve it with [`builtin::resolve`] on the connection it reads with anyway.
+    fn in_database(&self, _query: &PatientQuery) -> Option<Thresholds> {
+        None
+    }
+}
+
+/// Resolves `query` and runs `then` with the outcome. When the built-in MPI answers the query, resolution and
+/// `then` share one read on one connection (on SQLite, at once on this thread; a demographic search, which scans
+/// candidates, on the blocking pool); otherwise the MPI is asked first and `then` reads afterwards.
+pub async fn resolve_then<T, E, F>(
+    mpi: &dyn Mpi,
+    db: &crate::db::Db,
+    query: &PatientQuery,
+    then: F,
+) -> Result<T, E>
+where
+    F: FnOnce(&mut crate::db::DbConnection, Result<Resolution, MpiError>) -> Result<T, E>
+        + Send
+        + 'static,
+    T: Send + 'static,
+    E: From<crate::db::DbError> + Send + 'static,
+{
+    match mpi.in_database(query) {
+        Some(thresholds) => {
+            let q = query.clone();
+            let job = move |conn: &mut crate::db::DbConnection| {
+                let resolved = builtin::resolve(conn, &q, thresholds)
+                    .map_err(|e| MpiError::from(crate::db::DbError::Query(e)));
+                then(conn, resolved)
+            };
+            if query.demographics.is_some() {
+                db.run(job).await
+            } else {
+                db.read(job).await
+            }
+        }
+        None => {
+            let resolved = mpi.resolve(query).await;
+            db.read(move |conn| then(conn, resolved)).await
+        }
+    }
 }
 
 /// Chooses the MPI for a query: NHS numbers are national and always resolved by the built-in MPI (which holds
@@ -230,6 +273,17 @@ impl Mpi for MpiRouter {
                 }
                 external.resolve(query).await
             }
+        }
+    }
+
+    fn in_database(&self, query: &PatientQuery) -> Option<Thresholds> {
+        match query.region.as_ref().and_then(|r| self.regions.get(r)) {
+            None => self.builtin.in_database(query),
+            // An NHS number alone is answered by the built-in MPI whatever the region.
+            Some(_) if query.identifier.is_none() && query.demographics.is_none() => {
+                self.builtin.in_database(query)
+            }
+            Some(_) => None,
         }
     }
 }

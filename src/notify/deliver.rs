@@ -299,7 +299,7 @@ async fn record(
             .execute(conn)?;
             diesel::insert_into(delivery_attempts::table)
                 .values(AttemptRow {
-                    id: uuid::Uuid::new_v4().to_string(),
+                    id: crate::db::new_id(),
                     notification_id: d.notification_id.clone(),
                     channel: d.channel.clone(),
                     at: now,

@@ -184,7 +184,12 @@ impl NotificationRow {
             .filter(notifications::org_ods.eq(org))
             .filter(notifications::setting_ods.eq(setting))
             .filter(notifications::nhs_number.eq(nhs))
-            .filter(notifications::event.eq_any([ATTENDANCE_FLAGGED, FLAG_ACCESSED]))
+            // Two equalities rather than `IN`, which diesel cannot keep prepared.
+            .filter(
+                notifications::event
+                    .eq(ATTENDANCE_FLAGGED)
+                    .or(notifications::event.eq(FLAG_ACCESSED)),
+            )
             .filter(notifications::occurred_at.ge(at - window))
             .filter(notifications::occurred_at.le(at + window))
             .select(notifications::id)
@@ -352,7 +357,7 @@ pub fn enqueue(
             ids.push(existing);
             continue;
         }
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = crate::db::new_id();
         let their_plans: Vec<&PlanRow> = plans.iter().filter(|p| p.la_ods == la).collect();
         let payload = json!({
             "type": occ.event,
@@ -406,7 +411,7 @@ pub fn enqueue_exhausted(
     fallback: &str,
     public_base_url: &str,
 ) -> Result<String, Error> {
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = crate::db::new_id();
     let payload = json!({
         "type": DELIVERY_EXHAUSTED,
         "timestamp": format_timestamp(now),
