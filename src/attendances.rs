@@ -56,12 +56,12 @@ impl AttendanceRow {
         setting: &str,
         attendance_id: &str,
     ) -> Result<Option<Self>, Error> {
-        attendances::table
+        crate::on_backend!(conn, |c| attendances::table
             .filter(attendances::setting_ods.eq(setting))
             .filter(attendances::attendance_id.eq(attendance_id))
             .select(Self::as_select())
-            .first(conn)
-            .optional()
+            .first(c)
+            .optional())
     }
 
     pub fn pending(conn: &mut DbConnection, limit: i64) -> Result<Vec<Self>, Error> {
@@ -152,23 +152,49 @@ pub fn initials(plans: &[crate::db::models::PlanRow]) -> Option<String> {
         })
 }
 
-/// Applies a resolution to a stored (or about to be stored) attendance: the match fields, the flagged access,
-/// what the MPI learns from it, and the notifications. Answers what the setting is told.
+/// What an attendance's resolution finds, read before its write: the flags, and the setting's name for the
+/// notification.
+pub struct Found {
+    pub view: FlagView,
+    pub setting_name: Option<String>,
+}
+
+/// The reads for [`apply_resolution`]; they may run outside the write (on SQLite, at once on the asking
+/// thread), so the writer does only the writes.
+pub fn find_flags(
+    conn: &mut DbConnection,
+    today: NaiveDate,
+    setting_ods: &str,
+    setting: Option<SettingType>,
+    resolution: &Resolution,
+) -> Result<Found, Error> {
+    let view = flags::view(conn, resolution, today, setting)?;
+    let possible = resolution.status == MatchStatus::Possible && !view.active_plans.is_empty();
+    let setting_name = if view.hit || possible {
+        crate::db::models::Organisation::find(conn, setting_ods)?.map(|o| o.name)
+    } else {
+        None
+    };
+    Ok(Found { view, setting_name })
+}
+
+/// Records an attendance's resolution: the match on the row, an access and notifications when it is flagged,
+/// and what it teaches the built-in MPI. Answers the notifications' ids.
 pub fn apply_resolution(
     conn: &mut DbConnection,
     now: NaiveDateTime,
-    today: NaiveDate,
     att: &mut AttendanceRow,
     resolution: &Resolution,
+    found: &Found,
     settings: &crate::config::Settings,
-) -> Result<(FlagView, Vec<String>), Error> {
+) -> Result<Vec<String>, Error> {
     att.match_status = resolution.status.as_str().to_string();
     att.match_method = Some(resolution.method.as_str().to_string());
     att.match_score = Some(resolution.score);
     att.person_id = resolution.person_id.clone();
     att.resolved_nhs_number = resolution.nhs_number.clone();
     att.updated_at = now;
-    let view = flags::view(conn, resolution, today, att.setting())?;
+    let view = &found.view;
     att.flagged = view.hit;
     if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
         AccessRow::insert(
@@ -192,8 +218,6 @@ pub fn apply_resolution(
     let mut notifications = Vec::new();
     let possible = resolution.status == MatchStatus::Possible && !view.active_plans.is_empty();
     if let (true, Some(nhs)) = (view.hit || possible, &view.nhs_number) {
-        let setting_name =
-            crate::db::models::Organisation::find(conn, &att.setting_ods)?.map(|o| o.name);
         notifications = notify::enqueue(
             conn,
             now,
@@ -204,7 +228,7 @@ pub fn apply_resolution(
                 nhs_number: nhs,
                 initials: initials(&view.active_plans),
                 setting_ods: &att.setting_ods,
-                setting_name: setting_name.as_deref(),
+                setting_name: found.setting_name.as_deref(),
                 setting_type: att.setting(),
                 occurred_at: att.arrived_at,
                 attendance_ref: Some(&att.id),
@@ -213,7 +237,7 @@ pub fn apply_resolution(
             },
         )?;
     }
-    Ok((view, notifications))
+    Ok(notifications)
 }
 
 /// Feeds the built-in MPI: a setting that knows both the NHS number and its own identifier for a patient links
@@ -253,10 +277,10 @@ pub fn update(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error>
 }
 
 pub fn insert(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error> {
-    diesel::insert_into(attendances::table)
+    crate::on_backend!(conn, |c| diesel::insert_into(attendances::table)
         .values(att)
-        .execute(conn)
-        .map(|_| ())
+        .execute(c))
+    .map(|_| ())
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -302,7 +326,9 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
                 let (flagged, notified) = state
                     .db
                     .write(move |conn| {
-                        let (view, notified) = apply_resolution(conn, now, today, &mut att, &resolution, &settings)?;
+                        let found = find_flags(conn, today, &att.setting_ods, att.setting(), &resolution)?;
+                        let notified = apply_resolution(conn, now, &mut att, &resolution, &found, &settings)?;
+                        let view = found.view;
                         att.rematch_attempts += 1;
                         update(conn, &att)?;
                         audit::append(conn, now, &actor, Event {

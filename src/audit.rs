@@ -189,12 +189,12 @@ fn write_chained(conn: &mut DbConnection, pending: Vec<Pending>) -> Result<(), E
     for chunk in rows.chunks(400) {
         crate::db::insert_audit_rows(conn, chunk)?;
     }
-    diesel::update(audit_head::table.find(1))
+    crate::on_backend!(conn, |c| diesel::update(audit_head::table.find(1))
         .set((
             audit_head::last_seq.eq(seq),
             audit_head::last_hash.eq(&prev),
         ))
-        .execute(conn)?;
+        .execute(c))?;
     Ok(())
 }
 

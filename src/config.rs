@@ -284,9 +284,11 @@ impl Default for DeliverySettings {
             ]
             .map(String::from)
             .to_vec(),
-            lease_secs: 60,
-            batch_size: 200,
-            concurrency: 64,
+            // A claim is sent in at most four waves; even if every send of every wave waits for its full
+            // timeout (15 s for mail), the lease outlasts it.
+            lease_secs: 120,
+            batch_size: 1000,
+            concurrency: 256,
             visit_window_hours: 24,
             sensitive_settings: SensitivePolicy::NotifyWithoutSettingName,
         }

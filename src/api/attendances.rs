@@ -115,26 +115,44 @@ pub async fn create(
     let patient = patient.expect("validated");
     let actor = principal.actor(role);
 
-    // A repeat is answered from what was stored, without asking the MPI again.
-    let (s, a) = (setting_ods.clone(), attendance_id.clone());
-    if let Some(existing) = state
-        .db
-        .run(move |conn| Ok::<_, ApiError>(AttendanceRow::find_by_source(conn, &s, &a)?))
-        .await?
-    {
-        return repeat(&state, actor, existing).await;
+    // A repeat is answered from what was stored, without asking the MPI again. Otherwise the resolution and
+    // the flags it finds are read together; only the writes go to the group-commit writer.
+    let (s, a, setting) = (setting_ods.clone(), attendance_id.clone(), setting_type);
+    if state.mpi.in_database(&patient).is_none() {
+        // An external MPI is asked before the reads: look for a repeat first.
+        let (s, a) = (s.clone(), a.clone());
+        if let Some(existing) = state
+            .db
+            .read(move |conn| Ok::<_, ApiError>(AttendanceRow::find_by_source(conn, &s, &a)?))
+            .await?
+        {
+            return repeat(&state, actor, existing).await;
+        }
     }
-
-    let resolution = match state.mpi.resolve(&patient).await {
-        Ok(r) => {
+    let read = crate::mpi::resolve_then(&*state.mpi, &state.db, &patient, move |conn, resolved| {
+        if let Some(existing) = AttendanceRow::find_by_source(conn, &s, &a)? {
+            return Ok::<_, ApiError>(Err(existing));
+        }
+        let resolution = match resolved {
+            Ok(r) => r,
+            Err(MpiError::Unavailable(why)) => return Ok(Ok((None, Some(why)))),
+        };
+        let found = attendances::find_flags(conn, today, &s, setting, &resolution)?;
+        Ok(Ok((Some((resolution, found)), None)))
+    })
+    .await?;
+    let resolved = match read {
+        Err(existing) => return repeat(&state, actor, existing).await,
+        Ok((Some((r, found)), _)) => {
             state
                 .metrics
                 .matches
                 .with_label_values(&[r.status.as_str(), r.method.as_str()])
                 .inc();
-            Some(r)
+            Some((r, found))
         }
-        Err(MpiError::Unavailable(why)) => {
+        Ok((None, why)) => {
+            let why = why.unwrap_or_default();
             tracing::warn!(reason = %why, "MPI unavailable; attendance stored for re-matching");
             None
         }
@@ -175,9 +193,12 @@ pub async fn create(
             if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
                 return Ok::<_, ApiError>(Err(existing));
             }
-            let (view, notified) = match &resolution {
-                Some(r) => attendances::apply_resolution(conn, now, today, &mut att, r, &settings)?,
-                None => (FlagView::default(), Vec::new()),
+            let (resolution, view, notified) = match resolved {
+                Some((r, found)) => {
+                    let notified = attendances::apply_resolution(conn, now, &mut att, &r, &found, &settings)?;
+                    (Some(r), found.view, notified)
+                }
+                None => (None, FlagView::default(), Vec::new()),
             };
             attendances::insert(conn, &att)?;
             let outcome = match (&resolution, view.hit) {

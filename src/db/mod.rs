@@ -741,6 +741,21 @@ pub fn lock_notification(
     }
 }
 
+/// Runs a diesel query on the concrete connection inside a [`DbConnection`]: the body is compiled once per
+/// backend. Through the connection enum, diesel looks up a query's prepared statement by building its SQL text
+/// on every execution; on the concrete connection it finds it by the query's type. The profile of the writer
+/// showed that SQL building as a fifth of its time, so the queries of the hot paths (flag checks,
+/// attendances, notifications, audit) run through this.
+#[macro_export]
+macro_rules! on_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConnection::Postgres($c) => $body,
+            $crate::db::DbConnection::Sqlite($c) => $body,
+        }
+    };
+}
+
 /// Multi-row inserts, which diesel's connection enum cannot express for both backends at once: the same
 /// statement, typed once per backend.
 macro_rules! batch_insert {
@@ -748,10 +763,7 @@ macro_rules! batch_insert {
         $(#[$doc])*
         pub fn $name(conn: &mut DbConnection, rows: &[$row]) -> Result<usize, diesel::result::Error> {
             use diesel::prelude::*;
-            match conn {
-                DbConnection::Postgres(c) => diesel::insert_into($table).values(rows).execute(c),
-                DbConnection::Sqlite(c) => diesel::insert_into($table).values(rows).execute(c),
-            }
+            $crate::on_backend!(conn, |c| diesel::insert_into($table).values(rows).execute(c))
         }
     };
 }

@@ -25,11 +25,11 @@ pub struct Organisation {
 
 impl Organisation {
     pub fn find(conn: &mut DbConnection, ods: &str) -> Result<Option<Self>, Error> {
-        organisations::table
+        crate::on_backend!(conn, |c| organisations::table
             .find(ods)
             .select(Self::as_select())
-            .first(conn)
-            .optional()
+            .first(c)
+            .optional())
     }
 
     pub fn find_many(conn: &mut DbConnection, codes: &[String]) -> Result<Vec<Self>, Error> {
@@ -200,11 +200,11 @@ impl PlanRow {
 
     /// Every plan held against an NHS number, oldest first.
     pub fn for_nhs_number(conn: &mut DbConnection, nhs: &str) -> Result<Vec<Self>, Error> {
-        plans::table
+        crate::on_backend!(conn, |c| plans::table
             .filter(plans::nhs_number.eq(nhs))
             .order((plans::start_date.asc(), plans::id.asc()))
             .select(Self::as_select())
-            .load(conn)
+            .load(c))
     }
 
     /// One page of plans, newest registration first, with the total count.
@@ -274,10 +274,10 @@ pub struct RecentAccess {
 
 impl AccessRow {
     pub fn insert(conn: &mut DbConnection, row: &AccessRow) -> Result<(), Error> {
-        diesel::insert_into(accesses::table)
+        crate::on_backend!(conn, |c| diesel::insert_into(accesses::table)
             .values(row)
-            .execute(conn)
-            .map(|_| ())
+            .execute(c))
+        .map(|_| ())
     }
 
     /// The most recent unscheduled accesses and attendances, newest first.
@@ -286,7 +286,7 @@ impl AccessRow {
         nhs: &str,
         limit: i64,
     ) -> Result<Vec<RecentAccess>, Error> {
-        accesses::table
+        crate::on_backend!(conn, |c| accesses::table
             .left_join(organisations::table.on(organisations::ods_code.eq(accesses::setting_ods)))
             .filter(accesses::nhs_number.eq(nhs))
             .filter(accesses::access.eq("unscheduled"))
@@ -300,6 +300,6 @@ impl AccessRow {
                 organisations::name.nullable(),
                 accesses::setting_type,
             ))
-            .load(conn)
+            .load(c))
     }
 }

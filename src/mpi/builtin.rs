@@ -63,11 +63,11 @@ impl PersonRow {
     }
 
     pub fn find_by_nhs(conn: &mut DbConnection, nhs: &str) -> Result<Option<Self>, Error> {
-        persons::table
+        crate::on_backend!(conn, |c| persons::table
             .filter(persons::nhs_number.eq(nhs))
             .select(Self::as_select())
-            .first(conn)
-            .optional()
+            .first(c)
+            .optional())
     }
 
     pub fn find(conn: &mut DbConnection, id: &str) -> Result<Option<Self>, Error> {

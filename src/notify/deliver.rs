@@ -94,13 +94,13 @@ async fn deliver_one(
     let (nid, ch) = (notification_id.clone(), channel.clone());
     let loaded = state
         .db
-        .run(move |conn| {
+        .read(move |conn| {
             let n = NotificationRow::find(conn, &nid)?;
-            let d: Option<DeliveryRow> = deliveries::table
+            let d: Option<DeliveryRow> = crate::on_backend!(conn, |c| deliveries::table
                 .find((&nid, &ch))
                 .select(DeliveryRow::as_select())
-                .first(conn)
-                .optional()?;
+                .first(c)
+                .optional())?;
             let ep = match &n {
                 Some(n) => EndpointRow::find(conn, &n.org_ods)?,
                 None => None,
@@ -281,7 +281,7 @@ async fn record(
         .db
         .write(move |conn| {
             crate::db::lock_notification(conn, &d.notification_id)?;
-            let updated = diesel::update(
+            let updated = crate::on_backend!(conn, |c| diesel::update(
                 deliveries::table
                     .find((&d.notification_id, &d.channel))
                     .filter(deliveries::leased_by.eq(&instance))
@@ -296,19 +296,20 @@ async fn record(
                 deliveries::last_error.eq(&sent.error),
                 deliveries::delivered_at.eq(sent.delivered.then_some(now)),
             ))
-            .execute(conn)?;
-            diesel::insert_into(delivery_attempts::table)
-                .values(AttemptRow {
-                    id: crate::db::new_id(),
-                    notification_id: d.notification_id.clone(),
-                    channel: d.channel.clone(),
-                    at: now,
-                    outcome: if sent.delivered { "delivered".into() } else { "failed".into() },
-                    response_code: sent.code.map(i32::from),
-                    error: sent.error.clone(),
-                    duration_ms: elapsed.as_millis() as i64,
-                })
-                .execute(conn)?;
+            .execute(c))?;
+            let attempt = AttemptRow {
+                id: crate::db::new_id(),
+                notification_id: d.notification_id.clone(),
+                channel: d.channel.clone(),
+                at: now,
+                outcome: if sent.delivered { "delivered".into() } else { "failed".into() },
+                response_code: sent.code.map(i32::from),
+                error: sent.error.clone(),
+                duration_ms: elapsed.as_millis() as i64,
+            };
+            crate::on_backend!(conn, |c| diesel::insert_into(delivery_attempts::table)
+                .values(&attempt)
+                .execute(c))?;
             if updated == 0 {
                 // The lease ran out and another instance took the row over; it records its own outcome.
                 return Ok::<_, DbError>(Outcome::Skipped);

@@ -109,11 +109,11 @@ impl std::fmt::Debug for EndpointRow {
 
 impl EndpointRow {
     pub fn find(conn: &mut DbConnection, org: &str) -> Result<Option<Self>, Error> {
-        delivery_endpoints::table
+        crate::on_backend!(conn, |c| delivery_endpoints::table
             .find(org)
             .select(Self::as_select())
-            .first(conn)
-            .optional()
+            .first(c)
+            .optional())
     }
 
     pub fn wants(&self, event: &str) -> bool {
@@ -164,11 +164,11 @@ impl EndpointRow {
 
 impl NotificationRow {
     pub fn find(conn: &mut DbConnection, id: &str) -> Result<Option<Self>, Error> {
-        notifications::table
+        crate::on_backend!(conn, |c| notifications::table
             .find(id)
             .select(Self::as_select())
-            .first(conn)
-            .optional()
+            .first(c)
+            .optional())
     }
 
     /// An earlier notification of the same visit: this authority, this setting, this person, within the window.
@@ -180,7 +180,7 @@ impl NotificationRow {
         at: NaiveDateTime,
         window: Duration,
     ) -> Result<Option<String>, Error> {
-        notifications::table
+        crate::on_backend!(conn, |c| notifications::table
             .filter(notifications::org_ods.eq(org))
             .filter(notifications::setting_ods.eq(setting))
             .filter(notifications::nhs_number.eq(nhs))
@@ -193,8 +193,8 @@ impl NotificationRow {
             .filter(notifications::occurred_at.ge(at - window))
             .filter(notifications::occurred_at.le(at + window))
             .select(notifications::id)
-            .first(conn)
-            .optional()
+            .first(c)
+            .optional())
     }
 
     pub fn ids_for_attendance(
@@ -267,17 +267,17 @@ pub fn refresh_status(
     id: &str,
     now: NaiveDateTime,
 ) -> Result<&'static str, Error> {
-    let states: Vec<String> = deliveries::table
+    let states: Vec<String> = crate::on_backend!(conn, |c| deliveries::table
         .filter(deliveries::notification_id.eq(id))
         .select(deliveries::status)
-        .load(conn)?;
+        .load(c))?;
     let status = overall_status(&states.iter().map(String::as_str).collect::<Vec<_>>());
-    diesel::update(notifications::table.find(id))
+    crate::on_backend!(conn, |c| diesel::update(notifications::table.find(id))
         .set((
             notifications::status.eq(status),
             notifications::updated_at.eq(now),
         ))
-        .execute(conn)?;
+        .execute(c))?;
     Ok(status)
 }
 
@@ -299,9 +299,10 @@ pub fn add_channels(
         rows.push((WEBHOOK, url.clone()));
     }
     for (channel, target) in &rows {
-        diesel::insert_into(deliveries::table)
-            .values(DeliveryRow::new(&n.id, channel, target, first_attempt))
-            .execute(conn)?;
+        let row = DeliveryRow::new(&n.id, channel, target, first_attempt);
+        crate::on_backend!(conn, |c| diesel::insert_into(deliveries::table)
+            .values(&row)
+            .execute(c))?;
     }
     Ok(rows.len())
 }
@@ -393,9 +394,9 @@ pub fn enqueue(
             created_at: now,
             updated_at: now,
         };
-        diesel::insert_into(notifications::table)
+        crate::on_backend!(conn, |c| diesel::insert_into(notifications::table)
             .values(&row)
-            .execute(conn)?;
+            .execute(c))?;
         let endpoint = EndpointRow::find(conn, la)?;
         add_channels(conn, &row, endpoint.as_ref(), first_attempt)?;
         ids.push(id);
