@@ -283,7 +283,14 @@ fn serve(url: &str, env: &[(&str, &str)]) -> Server {
             break p;
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    // The server's warnings and errors are shown, so an error answer in the figures can be explained.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("\"level\":\"ERROR\"") || line.contains("\"level\":\"WARN\"") {
+                eprintln!("server: {line}");
+            }
+        }
+    });
     Server {
         child,
         address: format!("http://127.0.0.1:{port}"),

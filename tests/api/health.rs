@@ -104,6 +104,16 @@ async fn metrics_change_as_requests_are_made() {
             after.contains(r#"cpis_notifications{state="pending"} 1"#),
             "the hit wrote one notification: {after}"
         );
+        // Both checks were audited writes through the group-commit writer.
+        let writes =
+            sample(&after, "cpis_db_writes_total") - sample(&before, "cpis_db_writes_total");
+        let batches = sample(&after, "cpis_db_write_batches_total")
+            - sample(&before, "cpis_db_write_batches_total");
+        assert!(writes >= 2.0, "{after}");
+        assert!(
+            (1.0..=writes).contains(&batches),
+            "{batches} commits for {writes} writes"
+        );
         assert!(!after.contains("9434765919"));
     }
 }
