@@ -259,6 +259,27 @@ fn row_from_input(
     }
 }
 
+/// A plan sent again under its local reference: `None` when it says what the stored plan says, otherwise the
+/// stored plan updated to it (next version; its id, creation and end stay).
+fn reregistered(input: &PlanInput, la: &str, old: &PlanRow, now: NaiveDateTime) -> Option<PlanRow> {
+    let same = PlanRow {
+        ended_at: old.ended_at,
+        ..row_from_input(
+            input,
+            la,
+            old.id.clone(),
+            old.version,
+            old.created_at,
+            old.updated_at,
+        )
+    };
+    (same != *old).then(|| PlanRow {
+        version: old.version + 1,
+        updated_at: now,
+        ..same
+    })
+}
+
 /// Registers a plan for local authority `la`: creates it, or updates the plan with the same local reference,
 /// or changes nothing when the body is the same as before. Writes the audit event in the same transaction.
 pub fn register(
@@ -275,26 +296,9 @@ pub fn register(
             PlanRow::insert(conn, &row)?;
             (row, Registered::Created)
         }
-        Some(old) => {
-            let same = PlanRow {
-                ended_at: old.ended_at,
-                ..row_from_input(
-                    input,
-                    la,
-                    old.id.clone(),
-                    old.version,
-                    old.created_at,
-                    old.updated_at,
-                )
-            };
-            if same == old {
-                (old, Registered::Unchanged)
-            } else {
-                let row = PlanRow {
-                    version: old.version + 1,
-                    updated_at: now,
-                    ..same
-                };
+        Some(old) => match reregistered(input, la, &old, now) {
+            None => (old, Registered::Unchanged),
+            Some(row) => {
                 PlanRow::update(conn, &row)?;
                 if old.nhs_number != row.nhs_number {
                     // The plan has moved to another person: the one it left is recorded too.
@@ -313,7 +317,7 @@ pub fn register(
                 }
                 (row, Registered::Updated)
             }
-        }
+        },
     };
     // The built-in MPI learns every person a plan names (for UCPP, the mother), with the newest demographics.
     if outcome != Registered::Unchanged {
@@ -370,34 +374,16 @@ pub fn register_many(
                 fresh.push(row.clone());
                 results.push((row, Registered::Created));
             }
-            Some(old) => {
-                let same = PlanRow {
-                    ended_at: old.ended_at,
-                    ..row_from_input(
-                        input,
-                        la,
-                        old.id.clone(),
-                        old.version,
-                        old.created_at,
-                        old.updated_at,
-                    )
-                };
-                if same == *old {
-                    results.push((old.clone(), Registered::Unchanged));
-                } else {
-                    let row = PlanRow {
-                        version: old.version + 1,
-                        updated_at: now,
-                        ended_at: old.ended_at,
-                        ..same
-                    };
+            Some(old) => match reregistered(input, la, old, now) {
+                None => results.push((old.clone(), Registered::Unchanged)),
+                Some(row) => {
                     PlanRow::update(conn, &row)?;
                     if old.nhs_number != row.nhs_number {
                         moved.push((old.nhs_number.clone(), row.id.clone()));
                     }
                     results.push((row, Registered::Updated));
                 }
-            }
+            },
         }
     }
     for chunk in fresh.chunks(400) {

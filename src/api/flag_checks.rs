@@ -192,16 +192,16 @@ pub async fn perform(
     .to_string();
     let action = check.action;
     let hit = match (view.hit, &view.nhs_number) {
-        (true, Some(nhs)) => Some((nhs.clone(), view.active_plans.clone())),
+        (true, Some(nhs)) => Some(nhs.clone()),
         _ => None,
     };
     let method = resolution.method.as_str();
-    let checked = Checked {
+    let mut checked = Checked {
         resolution,
         view,
         recent,
     };
-    let Some((nhs, active_plans)) = hit else {
+    let Some(nhs) = hit else {
         // Nothing to record but the check itself.
         audit::record(
             &state.db,
@@ -215,7 +215,9 @@ pub async fn perform(
     };
     let (setting_ods, setting_type, access) = (check.setting_ods, check.setting_type, check.access);
     let (practitioner_name, practitioner_role) = (check.practitioner_name, check.practitioner_role);
-    let notified = state
+    // The write borrows the active plans for the notification and gives them back.
+    let active_plans = std::mem::take(&mut checked.view.active_plans);
+    let (notified, active_plans) = state
         .db
         .write(move |conn| {
             AccessRow::insert(
@@ -262,9 +264,10 @@ pub async fn perform(
                 &actor,
                 check_event(action, audited_nhs.as_deref(), outcome, detail),
             )?;
-            Ok::<_, ApiError>(!notified.is_empty())
+            Ok::<_, ApiError>((!notified.is_empty(), active_plans))
         })
         .await?;
+    checked.view.active_plans = active_plans;
     if notified {
         state.wake_deliverer();
     }

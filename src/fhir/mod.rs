@@ -363,27 +363,43 @@ fn matched_plans(checked: &Checked) -> impl Iterator<Item = (&PlanRow, Option<&O
     })
 }
 
+/// A search that is a flag check underneath: checks the patient (audited as `action`), then answers the
+/// resources `build` makes of what the check found.
+async fn search(
+    principal: Principal,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    access: Option<AccessKind>,
+    action: &'static str,
+    build: impl FnOnce(&Checked, chrono::NaiveDate) -> Vec<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let mut payload = payload.into_inner();
+    let checked = run_check(&state, &principal, &req, &mut payload, access, action).await?;
+    let resources = build(&checked, state.clock.today());
+    Ok(fhir(actix_web::http::StatusCode::OK, bundle(resources)))
+}
+
 pub async fn care_team(
     principal: Principal,
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let mut payload = payload.into_inner();
-    let checked = run_check(
-        &state,
-        &principal,
-        &req,
-        &mut payload,
+    search(
+        principal,
+        state,
+        req,
+        payload,
         None,
         "fhir.careteam.search",
+        |checked, today| {
+            matched_plans(checked)
+                .map(|(p, la)| care_team_resource(p, la, today))
+                .collect()
+        },
     )
-    .await?;
-    let today = state.clock.today();
-    let resources = matched_plans(&checked)
-        .map(|(p, la)| care_team_resource(p, la, today))
-        .collect();
-    Ok(fhir(actix_web::http::StatusCode::OK, bundle(resources)))
+    .await
 }
 
 pub async fn flag(
@@ -392,21 +408,21 @@ pub async fn flag(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let mut payload = payload.into_inner();
-    let checked = run_check(
-        &state,
-        &principal,
-        &req,
-        &mut payload,
-        Some(AccessKind::Scheduled),
+    let access = Some(AccessKind::Scheduled);
+    search(
+        principal,
+        state,
+        req,
+        payload,
+        access,
         "fhir.flag.search",
+        |checked, today| {
+            matched_plans(checked)
+                .map(|(p, la)| flag_resource(p, la, today))
+                .collect()
+        },
     )
-    .await?;
-    let today = state.clock.today();
-    let resources = matched_plans(&checked)
-        .map(|(p, la)| flag_resource(p, la, today))
-        .collect();
-    Ok(fhir(actix_web::http::StatusCode::OK, bundle(resources)))
+    .await
 }
 
 pub async fn audit_event(
@@ -415,23 +431,24 @@ pub async fn audit_event(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let mut payload = payload.into_inner();
-    let checked = run_check(
-        &state,
-        &principal,
-        &req,
-        &mut payload,
-        Some(AccessKind::Scheduled),
+    let access = Some(AccessKind::Scheduled);
+    search(
+        principal,
+        state,
+        req,
+        payload,
+        access,
         "fhir.auditevent.search",
+        |checked, _| {
+            let nhs = checked.view.nhs_number.clone().unwrap_or_default();
+            checked
+                .recent
+                .iter()
+                .map(|a| audit_event_resource(a, &nhs))
+                .collect()
+        },
     )
-    .await?;
-    let nhs = checked.view.nhs_number.clone().unwrap_or_default();
-    let resources = checked
-        .recent
-        .iter()
-        .map(|a| audit_event_resource(a, &nhs))
-        .collect();
-    Ok(fhir(actix_web::http::StatusCode::OK, bundle(resources)))
+    .await
 }
 
 pub async fn metadata() -> HttpResponse {

@@ -231,23 +231,71 @@ pub fn score_candidates(conn: &mut DbConnection, record: &Record) -> Result<Vec<
     Ok(scored)
 }
 
-fn apply_demographics(row: &mut PersonRow, d: &Demographics) {
-    if let Some(g) = &d.given_name {
-        row.given_name = Some(g.as_str().to_string());
+/// Takes the demographics given as the newest known; answers whether anything changed.
+fn apply_demographics(row: &mut PersonRow, d: &Demographics) -> bool {
+    fn take<T: PartialEq>(field: &mut Option<T>, given: Option<T>) -> bool {
+        match given {
+            Some(v) if field.as_ref() != Some(&v) => {
+                *field = Some(v);
+                true
+            }
+            _ => false,
+        }
     }
-    if let Some(f) = &d.family_name {
-        row.family_name = Some(f.as_str().to_string());
-    }
-    if let Some(b) = d.birth_date {
-        row.birth_date = Some(b);
-    }
-    if let Some(s) = d.sex {
-        row.sex = Some(s.as_str().to_string());
-    }
-    if let Some(p) = &d.postcode {
-        row.postcode = Some(p.as_str().to_string());
-    }
+    let changed = [
+        take(
+            &mut row.given_name,
+            d.given_name.as_ref().map(|g| g.as_str().to_string()),
+        ),
+        take(
+            &mut row.family_name,
+            d.family_name.as_ref().map(|f| f.as_str().to_string()),
+        ),
+        take(&mut row.birth_date, d.birth_date),
+        take(&mut row.sex, d.sex.map(|s| s.as_str().to_string())),
+        take(
+            &mut row.postcode,
+            d.postcode.as_ref().map(|p| p.as_str().to_string()),
+        ),
+    ]
+    .contains(&true);
     row.rekey();
+    changed
+}
+
+/// Applies demographics to a stored person and writes the row back if they changed anything.
+fn update_demographics(
+    conn: &mut DbConnection,
+    now: NaiveDateTime,
+    row: &mut PersonRow,
+    d: &Demographics,
+) -> Result<(), Error> {
+    if apply_demographics(row, d) {
+        row.updated_at = now;
+        diesel::update(persons::table.find(&row.id))
+            .set(&*row)
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+impl PersonRow {
+    /// A new person with no demographics yet.
+    fn blank(nhs: Option<&str>, now: NaiveDateTime) -> Self {
+        PersonRow {
+            id: crate::db::new_id(),
+            nhs_number: nhs.map(str::to_string),
+            given_name: None,
+            family_name: None,
+            birth_date: None,
+            sex: None,
+            postcode: None,
+            name_key: None,
+            postcode_key: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
 }
 
 /// Finds or makes the person for an NHS number (or a new person without one), taking any demographics given
@@ -260,44 +308,11 @@ pub fn upsert_person(
 ) -> Result<String, Error> {
     if let Some(nhs) = nhs {
         if let Some(mut row) = PersonRow::find_by_nhs(conn, nhs)? {
-            let before = (
-                row.given_name.clone(),
-                row.family_name.clone(),
-                row.birth_date,
-                row.sex.clone(),
-                row.postcode.clone(),
-            );
-            apply_demographics(&mut row, d);
-            if before
-                != (
-                    row.given_name.clone(),
-                    row.family_name.clone(),
-                    row.birth_date,
-                    row.sex.clone(),
-                    row.postcode.clone(),
-                )
-            {
-                row.updated_at = now;
-                diesel::update(persons::table.find(&row.id))
-                    .set(&row)
-                    .execute(conn)?;
-            }
+            update_demographics(conn, now, &mut row, d)?;
             return Ok(row.id);
         }
     }
-    let mut row = PersonRow {
-        id: crate::db::new_id(),
-        nhs_number: nhs.map(str::to_string),
-        given_name: None,
-        family_name: None,
-        birth_date: None,
-        sex: None,
-        postcode: None,
-        name_key: None,
-        postcode_key: None,
-        created_at: now,
-        updated_at: now,
-    };
+    let mut row = PersonRow::blank(nhs, now);
     apply_demographics(&mut row, d);
     diesel::insert_into(persons::table)
         .values(&row)
@@ -392,47 +407,14 @@ pub fn upsert_persons(
     let mut fresh: Vec<PersonRow> = Vec::new();
     for (nhs, d) in people {
         if let Some(row) = existing.get_mut(*nhs) {
-            let before = (
-                row.given_name.clone(),
-                row.family_name.clone(),
-                row.birth_date,
-                row.sex.clone(),
-                row.postcode.clone(),
-            );
-            apply_demographics(row, d);
-            if before
-                != (
-                    row.given_name.clone(),
-                    row.family_name.clone(),
-                    row.birth_date,
-                    row.sex.clone(),
-                    row.postcode.clone(),
-                )
-            {
-                row.updated_at = now;
-                diesel::update(persons::table.find(&row.id))
-                    .set(&*row)
-                    .execute(conn)?;
-            }
+            update_demographics(conn, now, row, d)?;
         } else if let Some(row) = fresh
             .iter_mut()
             .find(|r| r.nhs_number.as_deref() == Some(*nhs))
         {
             apply_demographics(row, d);
         } else {
-            let mut row = PersonRow {
-                id: crate::db::new_id(),
-                nhs_number: Some(nhs.to_string()),
-                given_name: None,
-                family_name: None,
-                birth_date: None,
-                sex: None,
-                postcode: None,
-                name_key: None,
-                postcode_key: None,
-                created_at: now,
-                updated_at: now,
-            };
+            let mut row = PersonRow::blank(Some(nhs), now);
             apply_demographics(&mut row, d);
             fresh.push(row);
         }

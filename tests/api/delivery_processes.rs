@@ -20,16 +20,7 @@ async fn outbox_full_of_notifications(backend: Backend, receiver_url: &str) -> (
         s.webhook.allow_http = true;
     })
     .await;
-    app.add_org("E08000025", "Birmingham City Council", "local_authority")
-        .await;
-    app.add_org(
-        "RXK01",
-        "Sandwell General Emergency Department",
-        "care_setting",
-    )
-    .await;
-    let la = app.key("E08000025", &["social_care"]).await;
-    let ed = app.key("RXK01", &["care_setting"]).await;
+    let World { la, care: ed, .. } = app.world().await;
     let put = app
         .put(
             "/v1/organisations/E08000025/delivery",

@@ -77,19 +77,12 @@ pub async fn setup_on(
         &ca,
         &schedule.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    app.add_org("E08000025", "Birmingham City Council", "local_authority")
-        .await;
-    app.add_org("E08000026", "Coventry City Council", "local_authority")
-        .await;
-    app.add_org(
-        "RXK01",
-        "Sandwell General Emergency Department",
-        "care_setting",
-    )
-    .await;
-    let la = app.key("E08000025", &["social_care"]).await;
-    let other_la = app.key("E08000026", &["social_care"]).await;
-    let ed = app.key("RXK01", &["care_setting"]).await;
+    let World {
+        la,
+        other_la,
+        care: ed,
+        ..
+    } = app.world().await;
     let put = app
         .request(
             reqwest::Method::PUT,
@@ -681,16 +674,7 @@ async fn the_deliver_job_is_woken_at_once_when_a_notification_is_written() {
         s.jobs.deliver = "0 0 0 1 1 * 2099".into();
     })
     .await;
-    app.add_org("E08000025", "Birmingham City Council", "local_authority")
-        .await;
-    app.add_org(
-        "RXK01",
-        "Sandwell General Emergency Department",
-        "care_setting",
-    )
-    .await;
-    let la = app.key("E08000025", &["social_care"]).await;
-    let ed = app.key("RXK01", &["care_setting"]).await;
+    let World { la, care: ed, .. } = app.world().await;
     let put = app
         .request(
             reqwest::Method::PUT,
