@@ -391,6 +391,7 @@ pub async fn search(
                 },
             )?;
             let mut codes: Vec<String> = rows.iter().map(|r| r.la_ods.clone()).collect();
+            codes.sort();
             codes.dedup();
             let orgs = Organisation::find_many(conn, &codes)?;
             let items: Vec<_> = rows

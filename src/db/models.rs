@@ -32,14 +32,14 @@ impl Organisation {
             .optional())
     }
 
+    /// The organisations of a few codes (a child's responsible authorities), one cached primary-key lookup
+    /// each: an `IN` list of varying length would be parsed and planned afresh on every call.
     pub fn find_many(conn: &mut DbConnection, codes: &[String]) -> Result<Vec<Self>, Error> {
-        if codes.is_empty() {
-            return Ok(Vec::new());
+        let mut found = Vec::with_capacity(codes.len());
+        for code in codes {
+            found.extend(Self::find(conn, code)?);
         }
-        organisations::table
-            .filter(organisations::ods_code.eq_any(codes))
-            .select(Self::as_select())
-            .load(conn)
+        Ok(found)
     }
 
     /// Inserts, or updates everything but `created_at`; answers whether the row was new.
