@@ -560,15 +560,6 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// Process-wide SQLite set-up, once, before the first connection (SQLite refuses configuration after it has
-/// initialised, so later calls change nothing).
-///
-/// - Memory statistics off: they take a process-wide mutex on every allocation, which the profile of a loaded
-///   server showed as its largest cost; cpis does not read them.
-/// - Query planner stability on every connection (`SQLITE_DBCONFIG_ENABLE_QPSG`): without it SQLite marks a
-///   statement whose `LIMIT` is a bound parameter (diesel's `.first()`) as depending on that value, and
-///   re-parses and re-plans the cached statement on every execution; the profile showed this as a tenth of the
-///   server's time. cpis keeps no planner statistics, so the plans do not change.
 /// Pages each connection's page cache takes from one allocation made when it first fills, and keeps.
 const PAGE_CACHE_BULK: std::ffi::c_int = 256;
 
@@ -672,6 +663,17 @@ mod sqlite_alloc {
     }
 }
 
+/// Process-wide SQLite set-up, once, before the first connection (SQLite refuses configuration after it has
+/// initialised, so later calls change nothing).
+///
+/// - Memory statistics off: they take a process-wide mutex on every allocation, which the profile of a loaded
+///   server showed as its largest cost; cpis does not read them.
+/// - Query planner stability on every connection (`SQLITE_DBCONFIG_ENABLE_QPSG`): without it SQLite marks a
+///   statement whose `LIMIT` is a bound parameter (diesel's `.first()`) as depending on that value, and
+///   re-parses and re-plans the cached statement on every execution; the profile showed this as a tenth of the
+///   server's time. cpis keeps no planner statistics, so the plans do not change.
+/// - Memory from the Rust allocator ([`sqlite_alloc`]) and a bulk page cache per connection
+///   ([`PAGE_CACHE_BULK`]).
 fn configure_sqlite() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
