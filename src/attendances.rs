@@ -199,7 +199,7 @@ pub fn apply_resolution(
     if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
         AccessRow::insert(
             conn,
-            &AccessRow {
+            AccessRow {
                 id: crate::db::new_id(),
                 nhs_number: nhs.clone(),
                 at: att.arrived_at,

@@ -253,7 +253,7 @@ pub async fn record(
     event: Event<'_>,
 ) -> Result<(), crate::db::DbError> {
     let event = Pending::new(at, actor, event);
-    db.write_audit_only(move |conn| queue_or_write(conn, event).map_err(crate::db::DbError::from))
+    db.write_buffered(move |conn| queue_or_write(conn, event).map_err(crate::db::DbError::from))
         .await
 }
 

@@ -215,14 +215,15 @@ pub async fn perform(
     };
     let (setting_ods, setting_type, access) = (check.setting_ods, check.setting_type, check.access);
     let (practitioner_name, practitioner_role) = (check.practitioner_name, check.practitioner_role);
-    // The write borrows the active plans for the notification and gives them back.
+    // The write borrows the active plans for the notification and gives them back. Its rows (the access, the
+    // outbox rows, the audit event) join the batch's multi-row inserts, so it needs no savepoint of its own.
     let active_plans = std::mem::take(&mut checked.view.active_plans);
     let (notified, active_plans) = state
         .db
-        .write(move |conn| {
+        .write_buffered(move |conn| {
             AccessRow::insert(
                 conn,
-                &AccessRow {
+                AccessRow {
                     id: crate::db::new_id(),
                     nhs_number: nhs.clone(),
                     at: now,

@@ -1,6 +1,7 @@
 //! Storage: one diesel connection enum over SQLite and PostgreSQL, an r2d2 pool, embedded migrations, and the
 //! helpers that run every query on the blocking pool. SQL that differs by backend lives only in this module.
 
+pub mod deferred;
 pub mod models;
 pub mod schema;
 
@@ -180,7 +181,7 @@ where
             savepoint,
         } = *self;
         // A nested transaction is a savepoint: this job's failure undoes only this job, audit events included.
-        let mark = crate::audit::batch_mark();
+        let (mark, rows) = (crate::audit::batch_mark(), deferred::mark());
         let result = span.in_scope(|| {
             if savepoint {
                 conn.transaction(f)
@@ -190,6 +191,7 @@ where
         });
         if result.is_err() {
             crate::audit::batch_truncate(mark);
+            deferred::truncate(rows);
         }
         Box::new(move |commit_error| {
             let result = match commit_error {
@@ -246,6 +248,7 @@ fn writer_loop(
         stats.writes.inc_by(batch.len() as u64);
         let mut completions = Vec::with_capacity(batch.len());
         crate::audit::begin_batch();
+        deferred::begin();
         // A panic inside a write must not take the writer (and so every later write) down with it: the batch's
         // callers get an error, the connection is closed, and the writer carries on with a new one.
         let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -253,10 +256,12 @@ fn writer_loop(
                 for job in batch {
                     completions.push(job.run(c));
                 }
+                deferred::flush(c)?;
                 crate::audit::end_batch(c)
             })
         }));
         crate::audit::abandon_batch();
+        deferred::abandon();
         match committed {
             Ok(result) => {
                 let error = result.err();
@@ -460,10 +465,12 @@ impl Db {
         self.submit(f, true).await
     }
 
-    /// [`Db::write`] for a write that only appends audit events, which the writer holds until its batch commits
-    /// and drops if the write fails: there is nothing for a savepoint to undo, so it runs without one. Only
-    /// [`crate::audit::record`] uses it.
-    pub(crate) async fn write_audit_only<T, E, F>(&self, f: F) -> Result<T, E>
+    /// [`Db::write`] for a write that reads and only adds rows the writer holds until its batch commits (audit
+    /// events, accesses, notifications and their deliveries: [`deferred`]) and drops if the write fails: there
+    /// is nothing for a savepoint to undo, so it runs without one (on PostgreSQL a savepoint is two round trips).
+    /// Used by a check's audit event, and a flag check that hits; anything that updates, or inserts other rows,
+    /// must use [`Db::write`].
+    pub(crate) async fn write_buffered<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
@@ -917,6 +924,17 @@ batch_insert!(
     insert_attendances,
     schema::attendances::table,
     crate::attendances::AttendanceRow
+);
+batch_insert!(insert_accesses, schema::accesses::table, models::AccessRow);
+batch_insert!(
+    insert_notifications,
+    schema::notifications::table,
+    crate::notify::NotificationRow
+);
+batch_insert!(
+    insert_deliveries,
+    schema::deliveries::table,
+    crate::notify::DeliveryRow
 );
 batch_insert!(
     insert_audit_rows,

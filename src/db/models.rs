@@ -273,9 +273,15 @@ pub struct RecentAccess {
 }
 
 impl AccessRow {
-    pub fn insert(conn: &mut DbConnection, row: &AccessRow) -> Result<(), Error> {
+    /// Records an access; inside the group-commit writer it joins the batch's multi-row insert
+    /// ([`crate::db::deferred`]).
+    pub fn insert(conn: &mut DbConnection, row: AccessRow) -> Result<(), Error> {
+        let mut row = Some(row);
+        if crate::db::deferred::with(|d| d.accesses.extend(row.take())).is_some() {
+            return Ok(());
+        }
         crate::on_backend!(conn, |c| diesel::insert_into(accesses::table)
-            .values(row)
+            .values(row.as_ref().expect("not buffered"))
             .execute(c))
         .map(|_| ())
     }

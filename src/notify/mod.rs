@@ -180,6 +180,22 @@ impl NotificationRow {
         at: NaiveDateTime,
         window: Duration,
     ) -> Result<Option<String>, Error> {
+        let (from, to) = (at - window, at + window);
+        let buffered = crate::db::deferred::with(|d| {
+            d.notifications
+                .iter()
+                .find(|n| {
+                    n.org_ods == org
+                        && n.setting_ods.as_deref() == Some(setting)
+                        && n.nhs_number.as_deref() == Some(nhs)
+                        && (n.event == ATTENDANCE_FLAGGED || n.event == FLAG_ACCESSED)
+                        && (from..=to).contains(&n.occurred_at)
+                })
+                .map(|n| n.id.clone())
+        });
+        if let Some(Some(id)) = buffered {
+            return Ok(Some(id));
+        }
         crate::on_backend!(conn, |c| notifications::table
             .filter(notifications::org_ods.eq(org))
             .filter(notifications::setting_ods.eq(setting))
@@ -190,8 +206,8 @@ impl NotificationRow {
                     .eq(ATTENDANCE_FLAGGED)
                     .or(notifications::event.eq(FLAG_ACCESSED)),
             )
-            .filter(notifications::occurred_at.ge(at - window))
-            .filter(notifications::occurred_at.le(at + window))
+            .filter(notifications::occurred_at.ge(from))
+            .filter(notifications::occurred_at.le(to))
             .select(notifications::id)
             .first(c)
             .optional())
@@ -201,11 +217,20 @@ impl NotificationRow {
         conn: &mut DbConnection,
         attendance: &str,
     ) -> Result<Vec<String>, Error> {
-        notifications::table
+        let mut ids: Vec<String> = notifications::table
             .filter(notifications::attendance_ref.eq(attendance))
             .order(notifications::created_at.asc())
             .select(notifications::id)
-            .load(conn)
+            .load(conn)?;
+        crate::db::deferred::with(|d| {
+            ids.extend(
+                d.notifications
+                    .iter()
+                    .filter(|n| n.attendance_ref.as_deref() == Some(attendance))
+                    .map(|n| n.id.clone()),
+            )
+        });
+        Ok(ids)
     }
 
     pub fn deliveries(conn: &mut DbConnection, id: &str) -> Result<Vec<DeliveryRow>, Error> {
@@ -281,6 +306,50 @@ pub fn refresh_status(
     Ok(status)
 }
 
+/// Writes a new notification and its delivery rows; inside the group-commit writer they join the batch's
+/// multi-row inserts ([`crate::db::deferred`]).
+fn insert_notification(
+    conn: &mut DbConnection,
+    row: NotificationRow,
+    endpoint: Option<&EndpointRow>,
+    first_attempt: NaiveDateTime,
+) -> Result<(), Error> {
+    let mut row = Some(row);
+    crate::db::deferred::with(|d| {
+        if let Some(n) = row.take() {
+            d.deliveries.extend(channels(&n, endpoint, first_attempt));
+            d.notifications.push(n);
+        }
+    });
+    // Still here when there is no batch to join.
+    if let Some(row) = row {
+        crate::on_backend!(conn, |c| diesel::insert_into(notifications::table)
+            .values(&row)
+            .execute(c))?;
+        add_channels(conn, &row, endpoint, first_attempt)?;
+    }
+    Ok(())
+}
+
+/// The delivery rows of a notification: whatever channels its authority has for its event.
+fn channels(
+    n: &NotificationRow,
+    endpoint: Option<&EndpointRow>,
+    first_attempt: NaiveDateTime,
+) -> Vec<DeliveryRow> {
+    let Some(ep) = endpoint.filter(|e| e.wants(&n.event)) else {
+        return Vec::new();
+    };
+    let mut rows = Vec::new();
+    if let Some(emails) = ep.email_targets() {
+        rows.push(DeliveryRow::new(&n.id, EMAIL, &emails, first_attempt));
+    }
+    if let (Some(url), None) = (&ep.webhook_url, ep.webhook_disabled_at) {
+        rows.push(DeliveryRow::new(&n.id, WEBHOOK, url, first_attempt));
+    }
+    rows
+}
+
 /// Makes the delivery rows of a notification for whatever channels its authority has for its event.
 pub fn add_channels(
     conn: &mut DbConnection,
@@ -288,20 +357,10 @@ pub fn add_channels(
     endpoint: Option<&EndpointRow>,
     first_attempt: NaiveDateTime,
 ) -> Result<usize, Error> {
-    let Some(ep) = endpoint.filter(|e| e.wants(&n.event)) else {
-        return Ok(0);
-    };
-    let mut rows = Vec::new();
-    if let Some(emails) = ep.email_targets() {
-        rows.push((EMAIL, emails));
-    }
-    if let (Some(url), None) = (&ep.webhook_url, ep.webhook_disabled_at) {
-        rows.push((WEBHOOK, url.clone()));
-    }
-    for (channel, target) in &rows {
-        let row = DeliveryRow::new(&n.id, channel, target, first_attempt);
+    let rows = channels(n, endpoint, first_attempt);
+    for row in &rows {
         crate::on_backend!(conn, |c| diesel::insert_into(deliveries::table)
-            .values(&row)
+            .values(row)
             .execute(c))?;
     }
     Ok(rows.len())
@@ -394,11 +453,8 @@ pub fn enqueue(
             created_at: now,
             updated_at: now,
         };
-        crate::on_backend!(conn, |c| diesel::insert_into(notifications::table)
-            .values(&row)
-            .execute(c))?;
         let endpoint = EndpointRow::find(conn, la)?;
-        add_channels(conn, &row, endpoint.as_ref(), first_attempt)?;
+        insert_notification(conn, row, endpoint.as_ref(), first_attempt)?;
         ids.push(id);
     }
     Ok(ids)

@@ -328,6 +328,44 @@ async fn a_scheduled_check_sends_nothing_and_a_check_of_the_same_visit_is_not_no
 }
 
 #[tokio::test]
+async fn checks_of_one_visit_at_the_same_moment_make_one_notification_and_every_access_is_recorded()
+{
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        let s = setup(backend, &smtp, &receiver, &["0s"]).await;
+        let body = json!({"patient": {"nhs_number": CHILD}, "setting_type": "ED"});
+        // Sent together, they are written together (one group commit, or a few).
+        let checks = futures_util::future::join_all(
+            (0..16).map(|_| s.app.post("/v1/flag-checks", &s.ed, body.clone())),
+        )
+        .await;
+        assert!(checks.iter().all(|c| c.status == 200), "{checks:?}");
+        let list = s.app.get("/v1/notifications", &s.la).await;
+        let items = list.body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "one visit, one notification: {list:?}");
+        assert_eq!(items[0]["event"], "flag.accessed");
+        let next = s.app.post("/v1/flag-checks", &s.ed, body).await;
+        assert_eq!(
+            next.body["recent_accesses"].as_array().unwrap().len(),
+            16,
+            "every check of the visit is in the child's recent accesses: {next:?}"
+        );
+        let st = state(&s.settings);
+        deliver_until(&st, Duration::from_secs(20), || {
+            receiver.hooks().len() == 1 && smtp.mails().len() == 1
+        })
+        .await;
+        cpis::jobs::run_now(&st, "deliver").await.unwrap();
+        assert_eq!(
+            (receiver.hooks().len(), smtp.mails().len()),
+            (1, 1),
+            "one webhook and one email"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_failing_webhook_is_retried_with_the_same_webhook_id_until_delivered() {
     for backend in backends() {
         let smtp = start_smtp(0).await;

@@ -1,0 +1,122 @@
+//! Rows the group-commit writer inserts at the end of its batch, several at a time, instead of one statement
+//! each while the batch's writes run: a flag check's access, and the outbox rows (notifications and their
+//! deliveries) of checks and attendances. Like the audit events, they are written in the batch's own
+//! transaction, so they commit with the writes that made them or not at all; a write that fails has its rows
+//! dropped. Outside the writer (the blocking write of a bulk file, tests), rows are inserted at once.
+//!
+//! Inside a batch, whatever looks these rows up again reads the buffer as well as the table (the visit window
+//! of [`crate::notify`], an attendance's notifications).
+
+use super::DbConnection;
+use crate::db::models::AccessRow;
+use crate::notify::{DeliveryRow, NotificationRow};
+use diesel::result::Error;
+use std::cell::RefCell;
+
+#[derive(Default)]
+pub struct Deferred {
+    pub accesses: Vec<AccessRow>,
+    pub notifications: Vec<NotificationRow>,
+    pub deliveries: Vec<DeliveryRow>,
+}
+
+thread_local! {
+    /// Set by the group-commit writer for the length of a batch.
+    static DEFERRED: RefCell<Option<Deferred>> = const { RefCell::new(None) };
+}
+
+/// How far each buffer had grown before a write, to drop that write's rows if it fails.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark(usize, usize, usize);
+
+/// Starts buffering this thread's rows (the writer, at the start of a batch).
+pub fn begin() {
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Deferred::default()));
+}
+
+/// Drops the buffered rows without writing them (the batch's transaction failed).
+pub fn abandon() {
+    DEFERRED.with(|d| *d.borrow_mut() = None);
+}
+
+pub fn mark() -> Mark {
+    DEFERRED.with(|d| match d.borrow().as_ref() {
+        Some(d) => Mark(d.accesses.len(), d.notifications.len(), d.deliveries.len()),
+        None => Mark(0, 0, 0),
+    })
+}
+
+/// Drops the rows buffered since `mark` (the write that made them failed).
+pub fn truncate(mark: Mark) {
+    DEFERRED.with(|d| {
+        if let Some(d) = d.borrow_mut().as_mut() {
+            d.accesses.truncate(mark.0);
+            d.notifications.truncate(mark.1);
+            d.deliveries.truncate(mark.2);
+        }
+    });
+}
+
+/// Runs `f` on this thread's buffer when a batch is running; `None` outside one.
+pub fn with<R>(f: impl FnOnce(&mut Deferred) -> R) -> Option<R> {
+    DEFERRED.with(|d| d.borrow_mut().as_mut().map(f))
+}
+
+/// Rows per multi-row insert: well under SQLite's limit of bound parameters (32,766) for the widest row.
+const CHUNK: usize = 400;
+
+/// Inserts the batch's buffered rows, parents before children (notifications before their deliveries), and
+/// leaves the buffer empty for the next batch.
+pub fn flush(conn: &mut DbConnection) -> Result<(), Error> {
+    let Some(rows) = DEFERRED.with(|d| d.borrow_mut().as_mut().map(std::mem::take)) else {
+        return Ok(());
+    };
+    for chunk in rows.accesses.chunks(CHUNK) {
+        super::insert_accesses(conn, chunk)?;
+    }
+    for chunk in rows.notifications.chunks(CHUNK) {
+        super::insert_notifications(conn, chunk)?;
+    }
+    for chunk in rows.deliveries.chunks(CHUNK) {
+        super::insert_deliveries(conn, chunk)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::NaiveDate;
+
+    fn access(id: &str) -> AccessRow {
+        AccessRow {
+            id: id.into(),
+            nhs_number: "9434765919".into(),
+            at: NaiveDate::from_ymd_opt(2026, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap(),
+            setting_ods: "RX1".into(),
+            setting_type: None,
+            kind: "check".into(),
+            access: "unscheduled".into(),
+            practitioner_name: None,
+            practitioner_role: None,
+            key_id: None,
+        }
+    }
+
+    #[test]
+    fn a_failed_write_drops_only_its_own_rows_and_nothing_is_buffered_outside_a_batch() {
+        assert!(with(|d| d.accesses.push(access("outside"))).is_none());
+        begin();
+        with(|d| d.accesses.push(access("first"))).unwrap();
+        let before_second = mark();
+        with(|d| d.accesses.push(access("second"))).unwrap();
+        truncate(before_second);
+        let ids: Vec<String> = with(|d| d.accesses.iter().map(|a| a.id.clone()).collect()).unwrap();
+        assert_eq!(ids, vec!["first".to_string()]);
+        abandon();
+        assert!(with(|_| ()).is_none());
+    }
+}
