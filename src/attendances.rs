@@ -161,19 +161,21 @@ pub struct Found {
 
 /// The reads for [`apply_resolution`]; they may run outside the write (on SQLite, at once on the asking
 /// thread), so the writer does only the writes.
+/// `known_name` is the setting's name when the caller has it (an API request: the key's organisation).
 pub fn find_flags(
     conn: &mut DbConnection,
     today: NaiveDate,
     setting_ods: &str,
+    known_name: Option<&str>,
     setting: Option<SettingType>,
     resolution: &Resolution,
 ) -> Result<Found, Error> {
     let view = flags::view(conn, resolution, today, setting)?;
     let possible = resolution.status == MatchStatus::Possible && !view.active_plans.is_empty();
-    let setting_name = if view.hit || possible {
-        crate::db::models::Organisation::find(conn, setting_ods)?.map(|o| o.name)
-    } else {
-        None
+    let setting_name = match (view.hit || possible, known_name) {
+        (false, _) => None,
+        (true, Some(name)) => Some(name.to_string()),
+        (true, None) => crate::db::models::Organisation::find(conn, setting_ods)?.map(|o| o.name),
     };
     Ok(Found { view, setting_name })
 }
@@ -326,7 +328,7 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
                 let (flagged, notified) = state
                     .db
                     .write(move |conn| {
-                        let found = find_flags(conn, today, &att.setting_ods, att.setting(), &resolution)?;
+                        let found = find_flags(conn, today, &att.setting_ods, None, att.setting(), &resolution)?;
                         let notified = apply_resolution(conn, now, &mut att, &resolution, &found, &settings)?;
                         let view = found.view;
                         att.rematch_attempts += 1;

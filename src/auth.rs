@@ -97,6 +97,8 @@ pub fn decode_roles(stored: &str) -> Vec<Role> {
 pub struct Principal {
     pub key_id: String,
     pub org: String,
+    /// The organisation's name, as cached with the key (a change to the organisation empties the cache).
+    pub org_name: String,
     pub roles: Vec<Role>,
     pub request_id: String,
     /// The region of the key's organisation: whose MPI knows its local identifiers.
@@ -193,7 +195,7 @@ pub async fn authenticate(
             found
         }
     };
-    let (row, region) = row.ok_or(ApiError::Unauthenticated {
+    let (row, org) = row.ok_or(ApiError::Unauthenticated {
         detail: "the API key is unknown or revoked",
     })?;
     let request_id = req
@@ -205,9 +207,10 @@ pub async fn authenticate(
     req.extensions_mut().insert(Principal {
         key_id: row.id,
         org: row.org_ods,
+        org_name: org.name,
         roles: decode_roles(&row.roles),
         request_id,
-        region,
+        region: org.region,
     });
     next.call(req).await
 }
@@ -239,6 +242,7 @@ mod tests {
         let p = Principal {
             key_id: "k".into(),
             org: "X01".into(),
+            org_name: "X".into(),
             roles: vec![Role::Auditor],
             request_id: "r".into(),
             region: None,

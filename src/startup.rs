@@ -27,7 +27,7 @@ pub struct AppState {
     pub retry_schedule: Vec<std::time::Duration>,
     /// Recently seen API keys (by hash) with their organisation's region, for at most `KEY_CACHE_SECS`; emptied
     /// in this process by any key or organisation change.
-    pub keys: moka::sync::Cache<String, (crate::db::models::ApiKeyRow, Option<String>)>,
+    pub keys: moka::sync::Cache<String, (crate::db::models::ApiKeyRow, crate::db::models::KeyOrg)>,
 }
 
 /// How long a key stays cached: a key revoked through another instance stops working within this.

@@ -118,6 +118,8 @@ pub async fn create(
     // A repeat is answered from what was stored, without asking the MPI again. Otherwise the resolution and
     // the flags it finds are read together; only the writes go to the group-commit writer.
     let (s, a, setting) = (setting_ods.clone(), attendance_id.clone(), setting_type);
+    // The setting is the key's own organisation (`own_setting`), whose name came with the key.
+    let name = principal.org_name.clone();
     if state.mpi.in_database(&patient).is_none() {
         // An external MPI is asked before the reads: look for a repeat first.
         let (s, a) = (s.clone(), a.clone());
@@ -137,7 +139,7 @@ pub async fn create(
             Ok(r) => r,
             Err(MpiError::Unavailable(why)) => return Ok(Ok((None, Some(why)))),
         };
-        let found = attendances::find_flags(conn, today, &s, setting, &resolution)?;
+        let found = attendances::find_flags(conn, today, &s, Some(&name), setting, &resolution)?;
         Ok(Ok((Some((resolution, found)), None)))
     })
     .await?;

@@ -10,7 +10,7 @@ use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::clock::format_timestamp;
-use crate::db::models::{AccessRow, Organisation};
+use crate::db::models::AccessRow;
 use crate::domain::{AccessKind, OdsCode, SettingType};
 use crate::error::{ApiError, Validator};
 use crate::flags;
@@ -137,7 +137,8 @@ pub async fn perform(
     let today = state.clock.today();
     // The resolution and the reads it leads to (plans, contacts, recent accesses) share one read; only the
     // writes go to the group-commit writer.
-    let setting = check.setting_ods.clone();
+    // The setting is the key's own organisation (`own_setting`), whose name came with the key.
+    let setting_name = principal.org_name.clone();
     let (view, recent, setting_name, resolution) = crate::mpi::resolve_then(
         &*state.mpi,
         &state.db,
@@ -151,11 +152,7 @@ pub async fn perform(
                 (Some(nhs), true) => AccessRow::recent_unscheduled(conn, nhs, RECENT_ACCESSES)?,
                 _ => Vec::new(),
             };
-            let setting_name = if view.hit {
-                Organisation::find(conn, &setting)?.map(|o| o.name)
-            } else {
-                None
-            };
+            let setting_name = view.hit.then_some(setting_name);
             Ok::<_, ApiError>((view, recent, setting_name, resolution))
         },
     )

@@ -23,6 +23,13 @@ pub struct Organisation {
     pub updated_at: NaiveDateTime,
 }
 
+/// What a request needs of its key's organisation: its name (the setting's name in notifications) and region.
+#[derive(Debug, Clone, Queryable)]
+pub struct KeyOrg {
+    pub name: String,
+    pub region: Option<String>,
+}
+
 impl Organisation {
     pub fn find(conn: &mut DbConnection, ods: &str) -> Result<Option<Self>, Error> {
         crate::on_backend!(conn, |c| organisations::table
@@ -90,12 +97,15 @@ impl ApiKeyRow {
     pub fn find_active_by_hash(
         conn: &mut DbConnection,
         hash: &str,
-    ) -> Result<Option<(Self, Option<String>)>, Error> {
+    ) -> Result<Option<(Self, KeyOrg)>, Error> {
         api_keys::table
             .inner_join(organisations::table)
             .filter(api_keys::key_hash.eq(hash))
             .filter(api_keys::revoked_at.is_null())
-            .select((Self::as_select(), organisations::region))
+            .select((
+                Self::as_select(),
+                (organisations::name, organisations::region),
+            ))
             .first(conn)
             .optional()
     }
