@@ -57,6 +57,18 @@ pub fn truncate(mark: Mark) {
     });
 }
 
+/// Buffers `row` in the batch's buffer that `buffer` picks; gives it back when no batch is running, for the
+/// caller to insert at once.
+pub fn keep<T>(row: T, buffer: impl FnOnce(&mut Deferred) -> &mut Vec<T>) -> Option<T> {
+    DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+        Some(d) => {
+            buffer(d).push(row);
+            None
+        }
+        None => Some(row),
+    })
+}
+
 /// Runs `f` on this thread's buffer when a batch is running; `None` outside one.
 pub fn with<R>(f: impl FnOnce(&mut Deferred) -> R) -> Option<R> {
     DEFERRED.with(|d| d.borrow_mut().as_mut().map(f))
@@ -108,11 +120,11 @@ mod tests {
 
     #[test]
     fn a_failed_write_drops_only_its_own_rows_and_nothing_is_buffered_outside_a_batch() {
-        assert!(with(|d| d.accesses.push(access("outside"))).is_none());
+        assert!(keep(access("outside"), |d| &mut d.accesses).is_some());
         begin();
-        with(|d| d.accesses.push(access("first"))).unwrap();
+        assert!(keep(access("first"), |d| &mut d.accesses).is_none());
         let before_second = mark();
-        with(|d| d.accesses.push(access("second"))).unwrap();
+        assert!(keep(access("second"), |d| &mut d.accesses).is_none());
         truncate(before_second);
         let ids: Vec<String> = with(|d| d.accesses.iter().map(|a| a.id.clone()).collect()).unwrap();
         assert_eq!(ids, vec!["first".to_string()]);

@@ -286,12 +286,11 @@ impl AccessRow {
     /// Records an access; inside the group-commit writer it joins the batch's multi-row insert
     /// ([`crate::db::deferred`]).
     pub fn insert(conn: &mut DbConnection, row: AccessRow) -> Result<(), Error> {
-        let mut row = Some(row);
-        if crate::db::deferred::with(|d| d.accesses.extend(row.take())).is_some() {
+        let Some(row) = crate::db::deferred::keep(row, |d| &mut d.accesses) else {
             return Ok(());
-        }
+        };
         crate::on_backend!(conn, |c| diesel::insert_into(accesses::table)
-            .values(row.as_ref().expect("not buffered"))
+            .values(&row)
             .execute(c))
         .map(|_| ())
     }

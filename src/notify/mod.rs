@@ -314,19 +314,27 @@ fn insert_notification(
     endpoint: Option<&EndpointRow>,
     first_attempt: NaiveDateTime,
 ) -> Result<(), Error> {
-    let mut row = Some(row);
-    crate::db::deferred::with(|d| {
-        if let Some(n) = row.take() {
-            d.deliveries.extend(channels(&n, endpoint, first_attempt));
-            d.notifications.push(n);
+    let deliveries = channels(&row, endpoint, first_attempt);
+    match crate::db::deferred::keep(row, |d| &mut d.notifications) {
+        None => {
+            crate::db::deferred::with(|d| d.deliveries.extend(deliveries));
         }
-    });
-    // Still here when there is no batch to join.
-    if let Some(row) = row {
-        crate::on_backend!(conn, |c| diesel::insert_into(notifications::table)
-            .values(&row)
+        // No batch to join: at once.
+        Some(row) => {
+            crate::on_backend!(conn, |c| diesel::insert_into(notifications::table)
+                .values(&row)
+                .execute(c))?;
+            insert_deliveries(conn, &deliveries)?;
+        }
+    }
+    Ok(())
+}
+
+fn insert_deliveries(conn: &mut DbConnection, rows: &[DeliveryRow]) -> Result<(), Error> {
+    for row in rows {
+        crate::on_backend!(conn, |c| diesel::insert_into(deliveries::table)
+            .values(row)
             .execute(c))?;
-        add_channels(conn, &row, endpoint, first_attempt)?;
     }
     Ok(())
 }
@@ -358,11 +366,7 @@ pub fn add_channels(
     first_attempt: NaiveDateTime,
 ) -> Result<usize, Error> {
     let rows = channels(n, endpoint, first_attempt);
-    for row in &rows {
-        crate::on_backend!(conn, |c| diesel::insert_into(deliveries::table)
-            .values(row)
-            .execute(c))?;
-    }
+    insert_deliveries(conn, &rows)?;
     Ok(rows.len())
 }
 
