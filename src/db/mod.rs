@@ -180,7 +180,8 @@ where
             span,
             savepoint,
         } = *self;
-        // A nested transaction is a savepoint: this job's failure undoes only this job, audit events included.
+        // A nested transaction is a savepoint: this job's failure undoes only this job, its buffered audit events
+        // and rows ([`deferred`]) included.
         let (mark, rows) = (crate::audit::batch_mark(), deferred::mark());
         let result = span.in_scope(|| {
             if savepoint {
