@@ -160,23 +160,17 @@ pub struct Found {
 }
 
 /// The reads for [`apply_resolution`]; they may run outside the write (on SQLite, at once on the asking
-/// thread), so the writer does only the writes.
-/// `known_name` is the setting's name when the caller has it (an API request: the key's organisation).
+/// thread), so the writer does only the writes. `setting_name` is kept for the notification when there is one.
 pub fn find_flags(
     conn: &mut DbConnection,
     today: NaiveDate,
-    setting_ods: &str,
-    known_name: Option<&str>,
+    setting_name: Option<String>,
     setting: Option<SettingType>,
     resolution: &Resolution,
 ) -> Result<Found, Error> {
     let view = flags::view(conn, resolution, today, setting)?;
     let possible = resolution.status == MatchStatus::Possible && !view.active_plans.is_empty();
-    let setting_name = match (view.hit || possible, known_name) {
-        (false, _) => None,
-        (true, Some(name)) => Some(name.to_string()),
-        (true, None) => crate::db::models::Organisation::find(conn, setting_ods)?.map(|o| o.name),
-    };
+    let setting_name = setting_name.filter(|_| view.hit || possible);
     Ok(Found { view, setting_name })
 }
 
@@ -328,7 +322,8 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
                 let (flagged, notified) = state
                     .db
                     .write(move |conn| {
-                        let found = find_flags(conn, today, &att.setting_ods, None, att.setting(), &resolution)?;
+                        let name = crate::db::models::Organisation::find(conn, &att.setting_ods)?.map(|o| o.name);
+                        let found = find_flags(conn, today, name, att.setting(), &resolution)?;
                         let notified = apply_resolution(conn, now, &mut att, &resolution, &found, &settings)?;
                         let view = found.view;
                         att.rematch_attempts += 1;

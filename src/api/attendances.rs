@@ -120,7 +120,8 @@ pub async fn create(
     let (s, a, setting) = (setting_ods.clone(), attendance_id.clone(), setting_type);
     // The setting is the key's own organisation (`own_setting`), whose name came with the key.
     let name = principal.org_name.clone();
-    if state.mpi.in_database(&patient).is_none() {
+    let in_database = state.mpi.in_database(&patient).is_some();
+    if !in_database {
         // An external MPI is asked before the reads: look for a repeat first.
         let (s, a) = (s.clone(), a.clone());
         if let Some(existing) = state
@@ -132,14 +133,16 @@ pub async fn create(
         }
     }
     let read = crate::mpi::resolve_then(&*state.mpi, &state.db, &patient, move |conn, resolved| {
-        if let Some(existing) = AttendanceRow::find_by_source(conn, &s, &a)? {
-            return Ok::<_, ApiError>(Err(existing));
+        if in_database {
+            if let Some(existing) = AttendanceRow::find_by_source(conn, &s, &a)? {
+                return Ok::<_, ApiError>(Err(existing));
+            }
         }
         let resolution = match resolved {
             Ok(r) => r,
             Err(MpiError::Unavailable(why)) => return Ok(Ok((None, Some(why)))),
         };
-        let found = attendances::find_flags(conn, today, &s, Some(&name), setting, &resolution)?;
+        let found = attendances::find_flags(conn, today, Some(name), setting, &resolution)?;
         Ok(Ok((Some((resolution, found)), None)))
     })
     .await?;

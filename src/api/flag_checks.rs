@@ -137,9 +137,7 @@ pub async fn perform(
     let today = state.clock.today();
     // The resolution and the reads it leads to (plans, contacts, recent accesses) share one read; only the
     // writes go to the group-commit writer.
-    // The setting is the key's own organisation (`own_setting`), whose name came with the key.
-    let setting_name = principal.org_name.clone();
-    let (view, recent, setting_name, resolution) = crate::mpi::resolve_then(
+    let (view, recent, resolution) = crate::mpi::resolve_then(
         &*state.mpi,
         &state.db,
         &check.patient,
@@ -152,8 +150,7 @@ pub async fn perform(
                 (Some(nhs), true) => AccessRow::recent_unscheduled(conn, nhs, RECENT_ACCESSES)?,
                 _ => Vec::new(),
             };
-            let setting_name = view.hit.then_some(setting_name);
-            Ok::<_, ApiError>((view, recent, setting_name, resolution))
+            Ok::<_, ApiError>((view, recent, resolution))
         },
     )
     .await?;
@@ -212,6 +209,8 @@ pub async fn perform(
     };
     let (setting_ods, setting_type, access) = (check.setting_ods, check.setting_type, check.access);
     let (practitioner_name, practitioner_role) = (check.practitioner_name, check.practitioner_role);
+    // The setting is the key's own organisation (`own_setting`), whose name came with the key.
+    let setting_name = principal.org_name.clone();
     // The write borrows the active plans for the notification and gives them back. Its rows (the access, the
     // outbox rows, the audit event) join the batch's multi-row inserts, so it needs no savepoint of its own.
     let active_plans = std::mem::take(&mut checked.view.active_plans);
@@ -247,7 +246,7 @@ pub async fn perform(
                         nhs_number: &nhs,
                         initials: crate::attendances::initials(&active_plans),
                         setting_ods: &setting_ods,
-                        setting_name: setting_name.as_deref(),
+                        setting_name: Some(&setting_name),
                         setting_type,
                         occurred_at: now,
                         attendance_ref: None,

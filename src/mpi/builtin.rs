@@ -259,7 +259,9 @@ fn apply_demographics(row: &mut PersonRow, d: &Demographics) -> bool {
         ),
     ]
     .contains(&true);
-    row.rekey();
+    if changed {
+        row.rekey();
+    }
     changed
 }
 
