@@ -350,17 +350,20 @@ pub fn audit_event_resource(access: &RecentAccess, nhs: &str) -> Value {
     })
 }
 
-fn matched_plans(checked: &Checked) -> impl Iterator<Item = (&PlanRow, Option<&Organisation>)> {
-    checked.view.plans.iter().map(|p| {
-        (
-            p,
-            checked
-                .view
-                .authorities
-                .iter()
-                .find(|o| o.ods_code == p.la_ods),
-        )
-    })
+/// One resource per plan the check found, each with its responsible authority.
+fn each_plan(
+    resource: fn(&PlanRow, Option<&Organisation>, chrono::NaiveDate) -> Value,
+) -> impl FnOnce(&Checked, chrono::NaiveDate) -> Vec<Value> {
+    move |checked, today| {
+        let view = &checked.view;
+        view.plans
+            .iter()
+            .map(|p| {
+                let la = view.authorities.iter().find(|o| o.ods_code == p.la_ods);
+                resource(p, la, today)
+            })
+            .collect()
+    }
 }
 
 /// A search that is a flag check underneath: checks the patient (audited as `action`), then answers the
@@ -393,11 +396,7 @@ pub async fn care_team(
         payload,
         None,
         "fhir.careteam.search",
-        |checked, today| {
-            matched_plans(checked)
-                .map(|(p, la)| care_team_resource(p, la, today))
-                .collect()
-        },
+        each_plan(care_team_resource),
     )
     .await
 }
@@ -416,11 +415,7 @@ pub async fn flag(
         payload,
         access,
         "fhir.flag.search",
-        |checked, today| {
-            matched_plans(checked)
-                .map(|(p, la)| flag_resource(p, la, today))
-                .collect()
-        },
+        each_plan(flag_resource),
     )
     .await
 }
