@@ -21,7 +21,7 @@ use serde_json::json;
 pub const PENDING: &str = "pending";
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = attendances, treat_none_as_null = true)]
+#[diesel(table_name = attendances, treat_none_as_default_value = false, treat_none_as_null = true)]
 pub struct AttendanceRow {
     pub id: String,
     pub setting_ods: String,

@@ -49,7 +49,7 @@ pub struct Event<'a> {
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, Serialize)]
-#[diesel(table_name = audit_events)]
+#[diesel(table_name = audit_events, treat_none_as_default_value = false)]
 pub struct AuditRow {
     pub seq: i64,
     pub at: String,

@@ -905,12 +905,36 @@ macro_rules! on_backend {
 
 /// Multi-row inserts, which diesel's connection enum cannot express for both backends at once: the same
 /// statement, typed once per backend.
+///
+/// Rows go in fixed-size chunks (64, 16, 4, then 1 at a time): a fixed-size array of rows is one multi-row
+/// statement whose prepared form diesel finds by type, so each table has four statements, prepared once per
+/// connection. (A slice of any length would be a new SQL text, built and looked up on every call.) The row
+/// types are `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a
+/// multi-row insert for SQLite and runs one insert per row inside a savepoint instead.
 macro_rules! batch_insert {
     ($(#[$doc:meta])* $name:ident, $table:path, $row:ty) => {
         $(#[$doc])*
         pub fn $name(conn: &mut DbConnection, rows: &[$row]) -> Result<usize, diesel::result::Error> {
             use diesel::prelude::*;
-            $crate::on_backend!(conn, |c| diesel::insert_into($table).values(rows).execute(c))
+            let mut inserted = 0;
+            let mut rest = rows;
+            macro_rules! chunks_of {
+                ($n:literal) => {
+                    while rest.len() >= $n {
+                        let (head, tail) = rest.split_at($n);
+                        let head: &[$row; $n] = head.try_into().expect("split at the chunk size");
+                        inserted += $crate::on_backend!(&mut *conn, |c| diesel::insert_into($table)
+                            .values(head)
+                            .execute(c))?;
+                        rest = tail;
+                    }
+                };
+            }
+            chunks_of!(64);
+            chunks_of!(16);
+            chunks_of!(4);
+            chunks_of!(1);
+            Ok(inserted)
         }
     };
 }
@@ -994,5 +1018,62 @@ mod tests {
     #[test]
     fn a_cached_statement_with_a_bound_limit_is_not_reprepared_on_each_run() {
         assert_eq!(reprepares(&[1, 2, 1, 3, 2]), 0);
+    }
+
+    #[test]
+    fn batch_inserts_write_every_row_whatever_the_count_and_keep_absent_values_null() {
+        use super::{insert_accesses, models::AccessRow, schema::accesses, DbConnection};
+        use diesel::prelude::*;
+        use diesel_migrations::MigrationHarness;
+        super::configure_sqlite();
+        let mut conn = DbConnection::Sqlite(SqliteConnection::establish(":memory:").unwrap());
+        if let DbConnection::Sqlite(c) = &mut conn {
+            c.run_pending_migrations(super::SQLITE_MIGRATIONS).unwrap();
+        }
+        let at = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap();
+        type Stored = (String, Option<String>, Option<String>, Option<String>);
+        let mut total = 0;
+        // Around each chunk size (64, 16, 4, 1) and across several of them.
+        for count in [0usize, 1, 3, 4, 5, 15, 16, 17, 63, 64, 65, 85, 150] {
+            let rows: Vec<AccessRow> = (0..count)
+                .map(|i| AccessRow {
+                    id: format!("{count}-{i}"),
+                    nhs_number: "9434765919".into(),
+                    at,
+                    setting_ods: "RX1".into(),
+                    setting_type: (i % 2 == 0).then(|| "ED".to_string()),
+                    kind: "check".into(),
+                    access: "unscheduled".into(),
+                    practitioner_name: None,
+                    practitioner_role: None,
+                    key_id: Some(format!("key-{i}")),
+                })
+                .collect();
+            assert_eq!(insert_accesses(&mut conn, &rows).unwrap(), count);
+            total += count as i64;
+            let stored: Vec<Stored> = crate::on_backend!(&mut conn, |c| accesses::table
+                .filter(accesses::id.like(format!("{count}-%")))
+                .select((
+                    accesses::id,
+                    accesses::setting_type,
+                    accesses::practitioner_name,
+                    accesses::key_id
+                ))
+                .order(accesses::id)
+                .load(c))
+            .unwrap();
+            let mut expected: Vec<_> = rows
+                .iter()
+                .map(|r| (r.id.clone(), r.setting_type.clone(), None, r.key_id.clone()))
+                .collect();
+            expected.sort();
+            assert_eq!(stored, expected, "{count} rows");
+        }
+        let all: i64 =
+            crate::on_backend!(&mut conn, |c| accesses::table.count().get_result(c)).unwrap();
+        assert_eq!(all, total);
     }
 }

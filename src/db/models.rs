@@ -10,7 +10,7 @@ use diesel::result::Error;
 pub const PAGE_SIZE: i64 = 50;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = organisations)]
+#[diesel(table_name = organisations, treat_none_as_default_value = false)]
 pub struct Organisation {
     pub ods_code: String,
     pub name: String,
@@ -73,7 +73,7 @@ impl Organisation {
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = api_keys)]
+#[diesel(table_name = api_keys, treat_none_as_default_value = false)]
 pub struct ApiKeyRow {
     pub id: String,
     pub org_ods: String,
@@ -138,7 +138,7 @@ impl ApiKeyRow {
 }
 
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = plans, treat_none_as_null = true)]
+#[diesel(table_name = plans, treat_none_as_default_value = false, treat_none_as_null = true)]
 pub struct PlanRow {
     pub id: String,
     pub la_ods: String,
@@ -254,7 +254,7 @@ impl PlanRow {
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = accesses)]
+#[diesel(table_name = accesses, treat_none_as_default_value = false)]
 pub struct AccessRow {
     pub id: String,
     pub nhs_number: String,

@@ -23,7 +23,7 @@ const REPORTED_CANDIDATES: usize = 5;
 const REPORT_FLOOR: f64 = 0.3;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = persons, treat_none_as_null = true)]
+#[diesel(table_name = persons, treat_none_as_default_value = false, treat_none_as_null = true)]
 pub struct PersonRow {
     pub id: String,
     pub nhs_number: Option<String>,

@@ -36,7 +36,7 @@ pub const EMAIL: &str = "email";
 pub const WEBHOOK: &str = "webhook";
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = notifications, treat_none_as_null = true)]
+#[diesel(table_name = notifications, treat_none_as_default_value = false, treat_none_as_null = true)]
 pub struct NotificationRow {
     pub id: String,
     pub org_ods: String,
@@ -55,7 +55,7 @@ pub struct NotificationRow {
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = deliveries, treat_none_as_null = true)]
+#[diesel(table_name = deliveries, treat_none_as_default_value = false, treat_none_as_null = true)]
 pub struct DeliveryRow {
     pub notification_id: String,
     pub channel: String,
@@ -70,7 +70,7 @@ pub struct DeliveryRow {
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = delivery_attempts)]
+#[diesel(table_name = delivery_attempts, treat_none_as_default_value = false)]
 pub struct AttemptRow {
     pub id: String,
     pub notification_id: String,
@@ -83,7 +83,7 @@ pub struct AttemptRow {
 }
 
 #[derive(Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = delivery_endpoints, treat_none_as_null = true)]
+#[diesel(table_name = delivery_endpoints, treat_none_as_default_value = false, treat_none_as_null = true)]
 pub struct EndpointRow {
     pub org_ods: String,
     /// Comma-separated addresses.
