@@ -213,6 +213,38 @@ where
 /// Most writes that wait together commit together: one transaction (and one fsync) for the lot.
 const MAX_BATCH: usize = 256;
 
+/// A write transaction that holds SQLite's write lock from its start (`BEGIN IMMEDIATE`; a plain transaction on
+/// PostgreSQL). With a deferred `BEGIN`, a transaction that reads before it writes must upgrade to the write lock
+/// mid-way, and SQLite answers "database is locked" at once, without waiting, if any other connection holds
+/// that lock at that instant (a reader briefly takes it to re-read a WAL index header it caught half-written):
+/// the whole batch would fail. Taking the lock at `BEGIN` waits for it, within the busy timeout, instead.
+pub fn write_transaction<T, E, F>(conn: &mut DbConnection, f: F) -> Result<T, E>
+where
+    F: FnOnce(&mut DbConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    // The connection enum's transaction manager hands every call to the backend's, so the transaction begun
+    // here on the SQLite connection is the one it commits or rolls back.
+    type Manager = <DbConnection as Connection>::TransactionManager;
+    match conn {
+        DbConnection::Sqlite(c) => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+        }
+        DbConnection::Postgres(_) => Manager::begin_transaction(conn)?,
+    }
+    match f(conn) {
+        Ok(value) => {
+            Manager::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(e) => {
+            Manager::rollback_transaction(conn)?;
+            Err(e)
+        }
+    }
+}
+
 fn writer_loop(
     manager: Manager,
     sqlite: bool,
@@ -253,7 +285,7 @@ fn writer_loop(
         // A panic inside a write must not take the writer (and so every later write) down with it: the batch's
         // callers get an error, the connection is closed, and the writer carries on with a new one.
         let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            conn.transaction(|c| {
+            write_transaction(conn, |c| {
                 for job in batch {
                     completions.push(job.run(c));
                 }
@@ -528,8 +560,7 @@ impl Db {
         } else {
             None
         };
-        let conn: &mut DbConnection = &mut conn;
-        conn.transaction(f)
+        write_transaction(&mut conn, f)
     }
 
     pub fn get(&self) -> Result<r2d2::PooledConnection<Manager>, DbError> {
@@ -1018,6 +1049,53 @@ mod tests {
     #[test]
     fn a_cached_statement_with_a_bound_limit_is_not_reprepared_on_each_run() {
         assert_eq!(reprepares(&[1, 2, 1, 3, 2]), 0);
+    }
+
+    /// The failure seen under load: another connection held SQLite's write lock for an instant just as the
+    /// writer's batch, having read, went to write, and the whole batch failed with "database is locked".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_that_reads_then_writes_waits_for_a_write_lock_held_elsewhere() {
+        use super::schema::{job_runs, organisations};
+        use diesel::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
+        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
+        db.migrate().unwrap();
+        let (locked, go) = std::sync::mpsc::channel();
+        let path = dir.path().join("cpis.db");
+        let holder = std::thread::spawn(move || {
+            use diesel::connection::SimpleConnection;
+            let mut other = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+            other.batch_execute("BEGIN IMMEDIATE").unwrap();
+            locked.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            other.batch_execute("COMMIT").unwrap();
+        });
+        go.recv().unwrap();
+        let at = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap();
+        let written = db
+            .write(move |conn| {
+                let organisations: i64 =
+                    crate::on_backend!(&mut *conn, |c| organisations::table.count().get_result(c))?;
+                crate::on_backend!(&mut *conn, |c| diesel::insert_into(job_runs::table)
+                    .values((job_runs::name.eq("probe"), job_runs::last_tick.eq(at)))
+                    .execute(c))?;
+                Ok::<_, super::DbError>(organisations)
+            })
+            .await;
+        holder.join().unwrap();
+        assert!(written.is_ok(), "{written:?}");
+        let stored: i64 = db
+            .read(|conn| {
+                crate::on_backend!(conn, |c| job_runs::table.count().get_result(c))
+                    .map_err(super::DbError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored, 1);
     }
 
     #[test]
