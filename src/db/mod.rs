@@ -937,9 +937,10 @@ macro_rules! on_backend {
 /// Multi-row inserts, which diesel's connection enum cannot express for both backends at once: the same
 /// statement, typed once per backend.
 ///
-/// Rows go in fixed-size chunks (64, 16, 4, then 1 at a time): a fixed-size array of rows is one multi-row
-/// statement whose prepared form diesel finds by type, so each table has four statements, prepared once per
-/// connection. (A slice of any length would be a new SQL text, built and looked up on every call.) The row
+/// On SQLite, rows go in fixed-size chunks (64, 16, 4, then 1 at a time): a fixed-size array of rows is one
+/// multi-row statement whose prepared form diesel finds by type, so each table has four statements, prepared
+/// once per connection (a slice of any length would be a new SQL text, built and looked up on every call). On
+/// PostgreSQL, where each statement is a round trip to the server, all the rows go in one statement. The row
 /// types are `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a
 /// multi-row insert for SQLite and runs one insert per row inside a savepoint instead.
 macro_rules! batch_insert {
@@ -947,6 +948,11 @@ macro_rules! batch_insert {
         $(#[$doc])*
         pub fn $name(conn: &mut DbConnection, rows: &[$row]) -> Result<usize, diesel::result::Error> {
             use diesel::prelude::*;
+            let conn = match conn {
+                // One statement, one round trip, whatever the count.
+                DbConnection::Postgres(c) => return diesel::insert_into($table).values(rows).execute(c),
+                DbConnection::Sqlite(c) => c,
+            };
             let mut inserted = 0;
             let mut rest = rows;
             macro_rules! chunks_of {
@@ -954,9 +960,7 @@ macro_rules! batch_insert {
                     while rest.len() >= $n {
                         let (head, tail) = rest.split_at($n);
                         let head: &[$row; $n] = head.try_into().expect("split at the chunk size");
-                        inserted += $crate::on_backend!(&mut *conn, |c| diesel::insert_into($table)
-                            .values(head)
-                            .execute(c))?;
+                        inserted += diesel::insert_into($table).values(head).execute(conn)?;
                         rest = tail;
                     }
                 };
