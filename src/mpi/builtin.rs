@@ -407,17 +407,17 @@ pub fn upsert_persons(
         .filter_map(|p| Some((p.nhs_number.clone()?, p)))
         .collect();
     let mut fresh: Vec<PersonRow> = Vec::new();
+    // A child may be on more than one row of a file: where each new person is in `fresh`.
+    let mut fresh_at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (nhs, d) in people {
         if let Some(row) = existing.get_mut(*nhs) {
             update_demographics(conn, now, row, d)?;
-        } else if let Some(row) = fresh
-            .iter_mut()
-            .find(|r| r.nhs_number.as_deref() == Some(*nhs))
-        {
-            apply_demographics(row, d);
+        } else if let Some(&at) = fresh_at.get(*nhs) {
+            apply_demographics(&mut fresh[at], d);
         } else {
             let mut row = PersonRow::blank(Some(nhs), now);
             apply_demographics(&mut row, d);
+            fresh_at.insert(nhs, fresh.len());
             fresh.push(row);
         }
     }

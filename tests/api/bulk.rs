@@ -269,3 +269,37 @@ async fn the_cli_imports_the_same_format() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_child_on_two_rows_of_a_file_is_one_person_with_both_plans() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let nhs = test_nhs_number(37);
+        let twice = file(&[
+            format!("TWO-1,{nhs},CPP,2026-01-10,,,Amelia,Jones,2019-05-06,female,B1 1AA"),
+            format!("TWO-2,{nhs},LAC,2026-02-01,,,Amelia,Jones,2019-05-06,female,B2 2BB"),
+        ]);
+        let resp = app
+            .post_raw("/v1/plans/bulk", &w.la, "text/csv", twice)
+            .await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.body["file_code"], "CPF02", "{}", resp.body);
+        let check = app
+            .post(
+                "/v1/flag-checks",
+                &w.care,
+                serde_json::json!({"patient": {"nhs_number": nhs}}),
+            )
+            .await;
+        assert_eq!(check.body["match"]["status"], "matched", "{}", check.body);
+        let mut types: Vec<&str> = check.body["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["plan_type"].as_str().unwrap())
+            .collect();
+        types.sort();
+        assert_eq!(types, ["CPP", "LAC"]);
+    }
+}
