@@ -186,9 +186,7 @@ fn write_chained(conn: &mut DbConnection, pending: Vec<Pending>) -> Result<(), E
         prev = row.hash.clone();
         rows.push(row);
     }
-    for chunk in rows.chunks(400) {
-        crate::db::insert_audit_rows(conn, chunk)?;
-    }
+    crate::db::insert_audit_rows(conn, &rows)?;
     crate::on_backend!(conn, |c| diesel::update(audit_head::table.find(1))
         .set((
             audit_head::last_seq.eq(seq),

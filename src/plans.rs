@@ -386,9 +386,7 @@ pub fn register_many(
             },
         }
     }
-    for chunk in fresh.chunks(400) {
-        crate::db::insert_plans(conn, chunk)?;
-    }
+    crate::db::insert_plans(conn, &fresh)?;
     let people: Vec<(&str, &Demographics)> = inputs
         .iter()
         .zip(&results)

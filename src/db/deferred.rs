@@ -74,24 +74,15 @@ pub fn with<R>(f: impl FnOnce(&mut Deferred) -> R) -> Option<R> {
     DEFERRED.with(|d| d.borrow_mut().as_mut().map(f))
 }
 
-/// Rows per multi-row insert: well under SQLite's limit of bound parameters (32,766) for the widest row.
-const CHUNK: usize = 400;
-
 /// Inserts the batch's buffered rows, parents before children (notifications before their deliveries), and
 /// leaves the buffer empty for the next batch.
 pub fn flush(conn: &mut DbConnection) -> Result<(), Error> {
     let Some(rows) = DEFERRED.with(|d| d.borrow_mut().as_mut().map(std::mem::take)) else {
         return Ok(());
     };
-    for chunk in rows.accesses.chunks(CHUNK) {
-        super::insert_accesses(conn, chunk)?;
-    }
-    for chunk in rows.notifications.chunks(CHUNK) {
-        super::insert_notifications(conn, chunk)?;
-    }
-    for chunk in rows.deliveries.chunks(CHUNK) {
-        super::insert_deliveries(conn, chunk)?;
-    }
+    super::insert_accesses(conn, &rows.accesses)?;
+    super::insert_notifications(conn, &rows.notifications)?;
+    super::insert_deliveries(conn, &rows.deliveries)?;
     Ok(())
 }
 

@@ -940,17 +940,27 @@ macro_rules! on_backend {
 /// On SQLite, rows go in fixed-size chunks (64, 16, 4, then 1 at a time): a fixed-size array of rows is one
 /// multi-row statement whose prepared form diesel finds by type, so each table has four statements, prepared
 /// once per connection (a slice of any length would be a new SQL text, built and looked up on every call). On
-/// PostgreSQL, where each statement is a round trip to the server, all the rows go in one statement. The row
+/// PostgreSQL, where each statement is a round trip to the server, rows go [`PG_ROWS_PER_INSERT`] to a
+/// statement. Callers pass all their rows at once; the limits on bound values are kept here. The row
 /// types are `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a
 /// multi-row insert for SQLite and runs one insert per row inside a savepoint instead.
+/// Rows per multi-row insert on PostgreSQL: the widest row has fewer than 30 columns, so a statement stays well
+/// under the server's limit of 65,535 bound values.
+const PG_ROWS_PER_INSERT: usize = 1000;
+
 macro_rules! batch_insert {
     ($(#[$doc:meta])* $name:ident, $table:path, $row:ty) => {
         $(#[$doc])*
         pub fn $name(conn: &mut DbConnection, rows: &[$row]) -> Result<usize, diesel::result::Error> {
             use diesel::prelude::*;
             let conn = match conn {
-                // One statement, one round trip, whatever the count.
-                DbConnection::Postgres(c) => return diesel::insert_into($table).values(rows).execute(c),
+                DbConnection::Postgres(c) => {
+                    let mut inserted = 0;
+                    for chunk in rows.chunks(PG_ROWS_PER_INSERT) {
+                        inserted += diesel::insert_into($table).values(chunk).execute(c)?;
+                    }
+                    return Ok(inserted);
+                }
                 DbConnection::Sqlite(c) => c,
             };
             let mut inserted = 0;

@@ -289,10 +289,7 @@ impl AccessRow {
         let Some(row) = crate::db::deferred::keep(row, |d| &mut d.accesses) else {
             return Ok(());
         };
-        crate::on_backend!(conn, |c| diesel::insert_into(accesses::table)
-            .values(&row)
-            .execute(c))
-        .map(|_| ())
+        crate::db::insert_accesses(conn, std::slice::from_ref(&row)).map(|_| ())
     }
 
     /// The most recent unscheduled accesses and attendances, newest first.

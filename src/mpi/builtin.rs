@@ -385,9 +385,7 @@ pub fn insert_persons(conn: &mut DbConnection, rows: &mut [PersonRow]) -> Result
     for r in rows.iter_mut() {
         r.rekey();
     }
-    for chunk in rows.chunks(500) {
-        crate::db::insert_persons(conn, chunk)?;
-    }
+    crate::db::insert_persons(conn, rows)?;
     Ok(())
 }
 
@@ -421,5 +419,7 @@ pub fn upsert_persons(
             fresh.push(row);
         }
     }
-    insert_persons(conn, &mut fresh)
+    // Their keys were computed as their demographics were applied.
+    crate::db::insert_persons(conn, &fresh)?;
+    Ok(())
 }

@@ -321,20 +321,9 @@ fn insert_notification(
         }
         // No batch to join: at once.
         Some(row) => {
-            crate::on_backend!(conn, |c| diesel::insert_into(notifications::table)
-                .values(&row)
-                .execute(c))?;
-            insert_deliveries(conn, &deliveries)?;
+            crate::db::insert_notifications(conn, std::slice::from_ref(&row))?;
+            crate::db::insert_deliveries(conn, &deliveries)?;
         }
-    }
-    Ok(())
-}
-
-fn insert_deliveries(conn: &mut DbConnection, rows: &[DeliveryRow]) -> Result<(), Error> {
-    for row in rows {
-        crate::on_backend!(conn, |c| diesel::insert_into(deliveries::table)
-            .values(row)
-            .execute(c))?;
     }
     Ok(())
 }
@@ -366,8 +355,7 @@ pub fn add_channels(
     first_attempt: NaiveDateTime,
 ) -> Result<usize, Error> {
     let rows = channels(n, endpoint, first_attempt);
-    insert_deliveries(conn, &rows)?;
-    Ok(rows.len())
+    crate::db::insert_deliveries(conn, &rows)
 }
 
 /// What happened, to be told to the responsible authorities.
