@@ -76,6 +76,8 @@ fn target(args: &Args) -> Target {
         use diesel::connection::SimpleConnection;
         use diesel::Connection;
         let name = format!("cpis_bench_{}", std::process::id());
+        // Before the first PostgreSQL connection, as cpis does: OpenSSL without its exit-time clean-up.
+        cpis::db::prepare_libpq();
         let mut admin =
             diesel::PgConnection::establish(&args.postgres_url).expect("connect to PostgreSQL");
         admin

@@ -60,9 +60,12 @@ impl ManageConnection for Manager {
 
     fn connect(&self) -> Result<DbConnection, r2d2::Error> {
         match &self.kind {
-            DatabaseKind::Postgres => PgConnection::establish(self.url.expose_secret())
-                .map(DbConnection::Postgres)
-                .map_err(r2d2::Error::ConnectionError),
+            DatabaseKind::Postgres => {
+                prepare_libpq();
+                PgConnection::establish(&libpq_url(self.url.expose_secret()))
+                    .map(DbConnection::Postgres)
+                    .map_err(r2d2::Error::ConnectionError)
+            }
             DatabaseKind::Sqlite { path } => {
                 let mut conn = SqliteConnection::establish(&path.to_string_lossy())
                     .map_err(r2d2::Error::ConnectionError)?;
@@ -786,6 +789,33 @@ unsafe extern "C" fn stable_plans(
     libsqlite3_sys::SQLITE_OK
 }
 
+/// Call before a process's first PostgreSQL connection (every connection cpis opens does).
+///
+/// libpq encrypts with OpenSSL, which by default frees its state from an `atexit` handler when the process exits,
+/// while other threads (the pool's, the writer, jobs winding down) may still be connecting or closing
+/// connections; they then crash on freed memory, a segmentation fault after everything else succeeded. This
+/// initialises OpenSSL first without that handler (the operating system frees everything at exit anyway); once
+/// OpenSSL has initialised otherwise, it is too late, so callers that connect outside [`Db`] call it too.
+pub fn prepare_libpq() {
+    openssl_sys::init();
+}
+
+/// The URL cpis gives libpq: GSSAPI (Kerberos) encryption off unless the URL sets `gssencmode` itself.
+///
+/// libpq's default (`prefer`) looks for Kerberos credentials before every connection, through the Kerberos
+/// library, whose exit-time finaliser destroys locks that a thread still connecting then aborts on (seen in the
+/// `process_exit` test); it also slows every connection where there is no Kerberos. Encryption for PostgreSQL
+/// connections is TLS (`sslmode`), which this leaves as the URL has it.
+fn libpq_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let query = url.split_once('?').map(|(_, q)| q);
+    let asks = query.is_some_and(|q| q.split('&').any(|p| p.starts_with("gssencmode=")));
+    match (asks, query) {
+        (true, _) => url.into(),
+        (false, Some(_)) => format!("{url}&gssencmode=disable").into(),
+        (false, None) => format!("{url}?gssencmode=disable").into(),
+    }
+}
+
 fn create_parent_dir(path: &std::path::Path) -> std::io::Result<()> {
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => std::fs::create_dir_all(parent),
@@ -1015,6 +1045,27 @@ batch_insert!(
 #[cfg(test)]
 mod tests {
     use libsqlite3_sys as ffi;
+
+    #[test]
+    fn libpq_gets_gssapi_encryption_off_unless_the_url_sets_it() {
+        use super::libpq_url;
+        assert_eq!(
+            libpq_url("postgres://cpis@db/cpis"),
+            "postgres://cpis@db/cpis?gssencmode=disable"
+        );
+        assert_eq!(
+            libpq_url("postgres://cpis@db/cpis?sslmode=require"),
+            "postgres://cpis@db/cpis?sslmode=require&gssencmode=disable"
+        );
+        assert_eq!(
+            libpq_url("postgresql://db/cpis?gssencmode=require&sslmode=disable"),
+            "postgresql://db/cpis?gssencmode=require&sslmode=disable"
+        );
+        assert_eq!(
+            libpq_url("postgres://db/cpis?sslmode=prefer&gssencmode=prefer"),
+            "postgres://db/cpis?sslmode=prefer&gssencmode=prefer"
+        );
+    }
 
     /// Runs `sql` with `?1` bound to each of `limits` in turn, and answers how often SQLite re-prepared it.
     fn reprepares(limits: &[i64]) -> i32 {

@@ -52,6 +52,13 @@ fn with_database(base: &str, name: &str) -> String {
     }
 }
 
+/// A connection to the server's own database, to make and drop test databases.
+fn admin_connection(base: &str) -> diesel::ConnectionResult<PgConnection> {
+    // As cpis does before its first connection: OpenSSL without its exit-time clean-up (see `process_exit`).
+    cpis::db::prepare_libpq();
+    PgConnection::establish(base)
+}
+
 impl TestDb {
     pub fn new(backend: Backend) -> Self {
         match backend {
@@ -67,8 +74,7 @@ impl TestDb {
             Backend::Postgres => {
                 let base = std::env::var(POSTGRES_ENV).expect("CPIS_TEST_POSTGRES_URL");
                 let name = format!("cpis_test_{}", uuid::Uuid::new_v4().simple());
-                let mut admin =
-                    PgConnection::establish(&base).expect("connect to CPIS_TEST_POSTGRES_URL");
+                let mut admin = admin_connection(&base).expect("connect to CPIS_TEST_POSTGRES_URL");
                 admin
                     .batch_execute(&format!("CREATE DATABASE {name}"))
                     .expect("create test database");
@@ -104,7 +110,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some((base, name)) = &self.pg {
-            if let Ok(mut admin) = PgConnection::establish(base) {
+            if let Ok(mut admin) = admin_connection(base) {
                 let _ =
                     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
             }

@@ -19,6 +19,7 @@ mod notifications;
 mod openapi;
 mod organisations;
 mod plans;
+mod process_exit;
 mod receiver;
 mod retention;
 mod smtp;
