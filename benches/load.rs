@@ -299,12 +299,18 @@ fn serve(url: &str, env: &[(&str, &str)]) -> Server {
     }
 }
 
+/// The server's resident set now.
 fn rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmRSS:")
+}
+
+/// A memory figure from `/proc/PID/status`, in MB (`VmRSS:` now, `VmHWM:` the peak since the process started).
+fn status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map(|kb| kb / 1024.0)
@@ -547,6 +553,11 @@ async fn run(args: Args) {
 
     if args.runs("import") {
         bulk_import(&args, &db, &client, &base, &la_key).await;
+        println!(
+            "server resident set after the import: {:.0} MB; its peak since it started: {:.0} MB",
+            rss_mb(server.child.id()),
+            status_mb(server.child.id(), "VmHWM:")
+        );
     }
     drop(server);
     if args.runs("delivery") {

@@ -928,24 +928,26 @@ pub fn release_job_lock(conn: &mut DbConnection, key: i64) -> Result<(), diesel:
     }
 }
 
-/// Serialises the recording of a notification's channels on PostgreSQL, so two channels finishing at once
-/// cannot each miss the other's outcome when the notification's status is recomputed. SQLite writes are
-/// serialised already.
-pub fn lock_notification(
+/// The statuses of these notifications (`ids` sorted), locked on PostgreSQL until the transaction ends, so that
+/// two instances recording channels of one notification cannot each miss the other's outcome when its status is
+/// recomputed (locked in id order, so two instances cannot deadlock). SQLite writes are serialised already.
+pub fn lock_notifications(
     conn: &mut DbConnection,
-    notification: &str,
-) -> Result<(), diesel::result::Error> {
+    ids: &[&str],
+) -> Result<Vec<(String, String)>, diesel::result::Error> {
     use diesel::prelude::*;
     use schema::notifications::dsl::*;
     match conn {
         DbConnection::Postgres(c) => notifications
-            .find(notification)
-            .select(id)
+            .filter(id.eq_any(ids))
+            .order(id)
+            .select((id, status))
             .for_update()
-            .first::<String>(c)
-            .optional()
-            .map(|_| ()),
-        DbConnection::Sqlite(_) => Ok(()),
+            .load(c),
+        DbConnection::Sqlite(c) => notifications
+            .filter(id.eq_any(ids))
+            .select((id, status))
+            .load(c),
     }
 }
 
@@ -964,6 +966,10 @@ macro_rules! on_backend {
     };
 }
 
+/// Rows per multi-row insert on PostgreSQL: the widest row has fewer than 30 columns, so a statement stays well
+/// under the server's limit of 65,535 bound values.
+const PG_ROWS_PER_INSERT: usize = 1000;
+
 /// Multi-row inserts, which diesel's connection enum cannot express for both backends at once: the same
 /// statement, typed once per backend.
 ///
@@ -974,10 +980,6 @@ macro_rules! on_backend {
 /// statement. Callers pass all their rows at once; the limits on bound values are kept here. The row
 /// types are `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a
 /// multi-row insert for SQLite and runs one insert per row inside a savepoint instead.
-/// Rows per multi-row insert on PostgreSQL: the widest row has fewer than 30 columns, so a statement stays well
-/// under the server's limit of 65,535 bound values.
-const PG_ROWS_PER_INSERT: usize = 1000;
-
 macro_rules! batch_insert {
     ($(#[$doc:meta])* $name:ident, $table:path, $row:ty) => {
         $(#[$doc])*
@@ -1035,6 +1037,11 @@ batch_insert!(
     insert_deliveries,
     schema::deliveries::table,
     crate::notify::DeliveryRow
+);
+batch_insert!(
+    insert_delivery_attempts,
+    schema::delivery_attempts::table,
+    crate::notify::AttemptRow
 );
 batch_insert!(
     insert_audit_rows,

@@ -7,17 +7,19 @@ use super::backoff;
 use super::email::{Mailer, OutgoingEmail};
 use super::webhook::{WebhookClient, WebhookOutcome, WebhookRequest};
 use super::{
-    compose_email, enqueue_exhausted, refresh_status, AttemptRow, DeliveryRow, EndpointRow,
+    compose_email, enqueue_exhausted, refresh_statuses, AttemptRow, DeliveryRow, EndpointRow,
     NotificationRow, DEAD, DELIVERED, DELIVERY_EXHAUSTED, EMAIL, PENDING, WEBHOOK,
 };
-use crate::db::schema::{deliveries, delivery_attempts};
+use crate::db::schema::deliveries;
 use crate::db::{claim_deliveries, DbError};
 use crate::startup::AppState;
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use futures_util::StreamExt;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// The ways out, chosen at start-up.
 pub struct Outbound {
@@ -53,7 +55,27 @@ enum Outcome {
     Skipped,
 }
 
-/// One tick: claims a batch and delivers it with bounded concurrency. Answers what happened.
+/// Most finished sends recorded by one write: under load, sends finish faster than one write per send could
+/// record them (on PostgreSQL each recording was eight round trips on the one writer connection).
+const RECORD_AT_ONCE: usize = 256;
+
+/// A claimed channel with what it needs to be sent.
+struct Claim {
+    n: NotificationRow,
+    d: DeliveryRow,
+    endpoint: Option<EndpointRow>,
+}
+
+/// A send that has finished, waiting to be recorded.
+struct Done {
+    n: NotificationRow,
+    d: DeliveryRow,
+    sent: Sent,
+    elapsed: Duration,
+}
+
+/// One tick: claims a batch, delivers it with bounded concurrency, and records the sends as they finish, those
+/// that finish together in one write. Answers what happened.
 pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
     let now = state.clock.now_naive();
     let lease = now + chrono::Duration::seconds(state.settings.delivery.lease_secs as i64);
@@ -67,60 +89,121 @@ pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
         claimed: claimed.len(),
         ..Default::default()
     };
-    let outcomes: Vec<anyhow::Result<Outcome>> = futures_util::stream::iter(claimed)
-        .map(|c| deliver_one(state, c.notification_id, c.channel))
-        .buffer_unordered(state.settings.delivery.concurrency)
-        .collect()
-        .await;
-    for outcome in outcomes {
-        match outcome {
-            Ok(Outcome::Delivered) => report.delivered += 1,
-            Ok(Outcome::Retrying) => report.retrying += 1,
-            Ok(Outcome::Dead) => report.dead += 1,
-            Ok(Outcome::Skipped) => {}
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "delivery could not be recorded; its lease will expire and it will be retried")
+    if claimed.is_empty() {
+        return Ok(report);
+    }
+    let claims = load(state, claimed).await?;
+    let (finished, mut finishing) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    let sending = async move {
+        futures_util::stream::iter(claims)
+            .map(|c| send_claim(state, c))
+            .buffer_unordered(state.settings.delivery.concurrency)
+            .for_each(|done| {
+                // The receiver lives until every sender is gone, which is after this stream ends.
+                let _ = finished.send(done);
+                std::future::ready(())
+            })
+            .await;
+    };
+    let recording = async {
+        let mut outcomes = Vec::new();
+        while let Some(first) = finishing.recv().await {
+            let mut chunk = vec![first];
+            while chunk.len() < RECORD_AT_ONCE {
+                match finishing.try_recv() {
+                    Ok(done) => chunk.push(done),
+                    Err(_) => break,
+                }
+            }
+            let count = chunk.len();
+            match record(state, chunk).await {
+                Ok(recorded) => outcomes.extend(recorded),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), deliveries = count, "deliveries could not be recorded; their lease will expire and they will be retried")
+                }
             }
         }
+        outcomes
+    };
+    let ((), outcomes) = tokio::join!(sending, recording);
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Delivered => report.delivered += 1,
+            Outcome::Retrying => report.retrying += 1,
+            Outcome::Dead => report.dead += 1,
+            Outcome::Skipped => {}
+        }
+    }
+    if report.dead > 0 {
+        state.wake_deliverer();
     }
     Ok(report)
 }
 
-async fn deliver_one(
-    state: &AppState,
-    notification_id: String,
-    channel: String,
-) -> anyhow::Result<Outcome> {
-    let (nid, ch) = (notification_id.clone(), channel.clone());
-    let loaded = state
+/// The claimed channels' notifications, delivery rows and endpoints, in one read (three queries).
+async fn load(state: &AppState, claimed: Vec<crate::db::Claimed>) -> anyhow::Result<Vec<Claim>> {
+    let instance = state.instance_id.clone();
+    let claims = state
         .db
         .read(move |conn| {
-            let n = NotificationRow::find(conn, &nid)?;
-            let d: Option<DeliveryRow> = crate::on_backend!(conn, |c| deliveries::table
-                .find((&nid, &ch))
-                .select(DeliveryRow::as_select())
-                .first(c)
-                .optional())?;
-            let ep = match &n {
-                Some(n) => EndpointRow::find(conn, &n.org_ods)?,
-                None => None,
-            };
-            Ok::<_, DbError>((n, d, ep))
+            let ids: Vec<&str> = claimed.iter().map(|c| c.notification_id.as_str()).collect();
+            let notifications: HashMap<String, NotificationRow> =
+                NotificationRow::find_many(conn, &ids)?
+                    .into_iter()
+                    .map(|n| (n.id.clone(), n))
+                    .collect();
+            let mut rows: HashMap<(String, String), DeliveryRow> =
+                crate::on_backend!(conn, |c| deliveries::table
+                    .filter(deliveries::notification_id.eq_any(&ids))
+                    .select(DeliveryRow::as_select())
+                    .load(c))?
+                .into_iter()
+                .map(|d| ((d.notification_id.clone(), d.channel.clone()), d))
+                .collect();
+            let orgs: Vec<&str> = notifications.values().map(|n| n.org_ods.as_str()).collect();
+            let endpoints: HashMap<String, EndpointRow> = EndpointRow::find_many(conn, &orgs)?
+                .into_iter()
+                .map(|e| (e.org_ods.clone(), e))
+                .collect();
+            let mut claims = Vec::with_capacity(claimed.len());
+            for c in &claimed {
+                let (Some(n), Some(d)) = (
+                    notifications.get(&c.notification_id),
+                    rows.remove(&(c.notification_id.clone(), c.channel.clone())),
+                ) else {
+                    continue;
+                };
+                // Taken over by another instance since (its lease ran out), or already settled.
+                if d.status != PENDING || d.leased_by.as_deref() != Some(instance.as_str()) {
+                    continue;
+                }
+                let endpoint = endpoints.get(&n.org_ods).cloned();
+                claims.push(Claim {
+                    n: n.clone(),
+                    d,
+                    endpoint,
+                });
+            }
+            Ok::<_, DbError>(claims)
         })
         .await?;
-    let (Some(n), Some(d), endpoint) = loaded else {
-        return Ok(Outcome::Skipped);
-    };
-    if d.status != PENDING || d.leased_by.as_deref() != Some(state.instance_id.as_str()) {
-        return Ok(Outcome::Skipped);
-    }
+    Ok(claims)
+}
+
+async fn send_claim(state: &AppState, claim: Claim) -> Done {
+    let Claim { n, d, endpoint } = claim;
     let span = tracing::info_span!("delivery", notification = %n.id, channel = %d.channel, attempt = d.attempts + 1);
-    let _enter = span.enter();
     let started = Instant::now();
-    let sent = send(state, &n, &d, endpoint.as_ref()).await;
+    let sent = send(state, &n, &d, endpoint.as_ref())
+        .instrument(span)
+        .await;
     let elapsed = started.elapsed();
-    drop(_enter);
-    record(state, n, d, sent, elapsed).await
+    Done {
+        n,
+        d,
+        sent,
+        elapsed,
+    }
 }
 
 async fn send(
@@ -241,103 +324,119 @@ pub fn next_state(
     }
 }
 
-async fn record(
-    state: &AppState,
-    n: NotificationRow,
-    d: DeliveryRow,
-    sent: Sent,
-    elapsed: Duration,
-) -> anyhow::Result<Outcome> {
+/// Records finished sends in one write: each channel's new state and its attempt, then each notification's
+/// overall status, and a fallback notice for a notification that has just died. A channel whose lease has gone
+/// to another instance meanwhile is left to that instance (its attempt is still recorded).
+async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcome>> {
     let now = state.clock.now_naive();
-    let attempts = d.attempts + 1;
-    let (status, next_at) = next_state(
-        &sent,
-        attempts,
-        &state.retry_schedule,
-        now,
-        backoff::random_jitter(),
-    );
+    let mut changes = Vec::with_capacity(chunk.len());
+    for done in chunk {
+        let attempts = done.d.attempts + 1;
+        let (status, next_at) = next_state(
+            &done.sent,
+            attempts,
+            &state.retry_schedule,
+            now,
+            backoff::random_jitter(),
+        );
+        let channel = done.d.channel.as_str();
+        if let Some(e) = &done.sent.error {
+            tracing::warn!(notification = %done.n.id, channel, attempt = attempts, status, code = ?done.sent.code, error = %e, "delivery attempt failed");
+        }
+        let outcome_label = if done.sent.delivered {
+            "delivered"
+        } else {
+            "failed"
+        };
+        state
+            .metrics
+            .delivery_attempts
+            .with_label_values(&[channel, outcome_label])
+            .inc();
+        state
+            .metrics
+            .delivery_seconds
+            .with_label_values(&[channel])
+            .observe(done.elapsed.as_secs_f64());
+        changes.push((done, attempts, status, next_at));
+    }
     let instance = state.instance_id.clone();
     let settings = state.settings.clone();
-    if let Some(e) = &sent.error {
-        tracing::warn!(notification = %n.id, channel = %d.channel, attempt = attempts, status, code = ?sent.code, error = %e, "delivery attempt failed");
-    }
-    let outcome_label = if sent.delivered {
-        "delivered"
-    } else {
-        "failed"
-    };
-    state
-        .metrics
-        .delivery_attempts
-        .with_label_values(&[d.channel.as_str(), outcome_label])
-        .inc();
-    state
-        .metrics
-        .delivery_seconds
-        .with_label_values(&[d.channel.as_str()])
-        .observe(elapsed.as_secs_f64());
-    let outcome = state
+    let outcomes = state
         .db
         .write(move |conn| {
-            crate::db::lock_notification(conn, &d.notification_id)?;
-            let updated = crate::on_backend!(conn, |c| diesel::update(
-                deliveries::table
-                    .find((&d.notification_id, &d.channel))
-                    .filter(deliveries::leased_by.eq(&instance))
-                    .filter(deliveries::status.eq(PENDING)),
-            )
-            .set((
-                deliveries::status.eq(status),
-                deliveries::attempts.eq(attempts),
-                deliveries::next_attempt_at.eq(next_at),
-                deliveries::lease_until.eq(None::<NaiveDateTime>),
-                deliveries::leased_by.eq(None::<String>),
-                deliveries::last_error.eq(&sent.error),
-                deliveries::delivered_at.eq(sent.delivered.then_some(now)),
-            ))
-            .execute(c))?;
-            let attempt = AttemptRow {
-                id: crate::db::new_id(),
-                notification_id: d.notification_id.clone(),
-                channel: d.channel.clone(),
-                at: now,
-                outcome: if sent.delivered { "delivered".into() } else { "failed".into() },
-                response_code: sent.code.map(i32::from),
-                error: sent.error.clone(),
-                duration_ms: elapsed.as_millis() as i64,
-            };
-            crate::on_backend!(conn, |c| diesel::insert_into(delivery_attempts::table)
-                .values(&attempt)
+            let mut ids: Vec<&str> = changes.iter().map(|(done, ..)| done.n.id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            // Locked (on PostgreSQL) so that two instances recording channels of one notification cannot each
+            // miss the other's outcome when its status is recomputed; in id order, so they cannot deadlock.
+            let before: HashMap<String, String> = crate::db::lock_notifications(conn, &ids)?.into_iter().collect();
+            let mut attempts = Vec::with_capacity(changes.len());
+            let mut outcomes = Vec::with_capacity(changes.len());
+            let mut settled: Vec<&NotificationRow> = Vec::new();
+            for (done, attempt_number, status, next_at) in &changes {
+                let Done { n, d, sent, elapsed } = done;
+                let updated = crate::on_backend!(conn, |c| diesel::update(
+                    deliveries::table
+                        .find((&d.notification_id, &d.channel))
+                        .filter(deliveries::leased_by.eq(&instance))
+                        .filter(deliveries::status.eq(PENDING)),
+                )
+                .set((
+                    deliveries::status.eq(*status),
+                    deliveries::attempts.eq(attempt_number),
+                    deliveries::next_attempt_at.eq(next_at),
+                    deliveries::lease_until.eq(None::<NaiveDateTime>),
+                    deliveries::leased_by.eq(None::<String>),
+                    deliveries::last_error.eq(&sent.error),
+                    deliveries::delivered_at.eq(sent.delivered.then_some(now)),
+                ))
                 .execute(c))?;
-            if updated == 0 {
-                // The lease ran out and another instance took the row over; it records its own outcome.
-                return Ok::<_, DbError>(Outcome::Skipped);
+                attempts.push(AttemptRow {
+                    id: crate::db::new_id(),
+                    notification_id: d.notification_id.clone(),
+                    channel: d.channel.clone(),
+                    at: now,
+                    outcome: if sent.delivered { "delivered".into() } else { "failed".into() },
+                    response_code: sent.code.map(i32::from),
+                    error: sent.error.clone(),
+                    duration_ms: elapsed.as_millis() as i64,
+                });
+                if updated == 0 {
+                    // The lease ran out and another instance took the row over; it records its own outcome.
+                    outcomes.push(Outcome::Skipped);
+                    continue;
+                }
+                if sent.gone && d.channel == super::WEBHOOK {
+                    EndpointRow::disable_webhook(conn, &n.org_ods, now)?;
+                }
+                if !settled.iter().any(|s| s.id == n.id) {
+                    settled.push(n);
+                }
+                outcomes.push(match *status {
+                    DELIVERED => Outcome::Delivered,
+                    DEAD => Outcome::Dead,
+                    _ => Outcome::Retrying,
+                });
             }
-            if sent.gone && d.channel == super::WEBHOOK {
-                EndpointRow::disable_webhook(conn, &n.org_ods, now)?;
-            }
-            let before = NotificationRow::find(conn, &n.id)?.map(|r| r.status).unwrap_or_default();
-            let overall = refresh_status(conn, &n.id, now)?;
-            if overall == DEAD && before != DEAD && n.event != DELIVERY_EXHAUSTED {
-                match &settings.mail.fallback_address {
-                    Some(address) => {
-                        enqueue_exhausted(conn, now, &n, address, &settings.server.public_base_url)?;
+            crate::db::insert_delivery_attempts(conn, &attempts)?;
+            let settled_ids: Vec<&str> = settled.iter().map(|n| n.id.as_str()).collect();
+            let overall = refresh_statuses(conn, &settled_ids, now)?;
+            for n in settled {
+                let was = before.get(&n.id).map(String::as_str).unwrap_or_default();
+                if overall.get(&n.id).copied() == Some(DEAD) && was != DEAD && n.event != DELIVERY_EXHAUSTED {
+                    match &settings.mail.fallback_address {
+                        Some(address) => {
+                            enqueue_exhausted(conn, now, n, address, &settings.server.public_base_url)?;
+                        }
+                        None => tracing::error!(notification = %n.id, "notification is dead and no mail.fallback_address is configured"),
                     }
-                    None => tracing::error!(notification = %n.id, "notification is dead and no mail.fallback_address is configured"),
                 }
             }
-            Ok(match status {
-                DELIVERED => Outcome::Delivered,
-                DEAD => Outcome::Dead,
-                _ => Outcome::Retrying,
-            })
+            Ok::<_, DbError>(outcomes)
         })
         .await?;
-    if matches!(outcome, Outcome::Dead) {
-        state.wake_deliverer();
-    }
-    Ok(outcome)
+    Ok(outcomes)
 }
 
 /// Once a day, tells the fallback address which authorities have notifications waiting because they have no

@@ -17,6 +17,7 @@ use chrono::{Duration, NaiveDateTime};
 use diesel::prelude::*;
 use diesel::result::Error;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 
 pub const ATTENDANCE_FLAGGED: &str = "attendance.flagged";
 pub const FLAG_ACCESSED: &str = "flag.accessed";
@@ -116,6 +117,13 @@ impl EndpointRow {
             .optional())
     }
 
+    pub fn find_many(conn: &mut DbConnection, orgs: &[&str]) -> Result<Vec<Self>, Error> {
+        crate::on_backend!(conn, |c| delivery_endpoints::table
+            .filter(delivery_endpoints::org_ods.eq_any(orgs))
+            .select(Self::as_select())
+            .load(c))
+    }
+
     pub fn wants(&self, event: &str) -> bool {
         self.events.split(',').any(|e| e == event)
     }
@@ -169,6 +177,13 @@ impl NotificationRow {
             .select(Self::as_select())
             .first(c)
             .optional())
+    }
+
+    pub fn find_many(conn: &mut DbConnection, ids: &[&str]) -> Result<Vec<Self>, Error> {
+        crate::on_backend!(conn, |c| notifications::table
+            .filter(notifications::id.eq_any(ids))
+            .select(Self::as_select())
+            .load(c))
     }
 
     /// An earlier notification of the same visit: this authority, this setting, this person, within the window.
@@ -292,18 +307,54 @@ pub fn refresh_status(
     id: &str,
     now: NaiveDateTime,
 ) -> Result<&'static str, Error> {
-    let states: Vec<String> = crate::on_backend!(conn, |c| deliveries::table
-        .filter(deliveries::notification_id.eq(id))
-        .select(deliveries::status)
+    Ok(refresh_statuses(conn, &[id], now)?
+        .remove(id)
+        .unwrap_or(PENDING))
+}
+
+/// Recomputes and stores these notifications' statuses (one query for their channels, one update per status);
+/// answers them.
+pub fn refresh_statuses(
+    conn: &mut DbConnection,
+    ids: &[&str],
+    now: NaiveDateTime,
+) -> Result<HashMap<String, &'static str>, Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, String)> = crate::on_backend!(conn, |c| deliveries::table
+        .filter(deliveries::notification_id.eq_any(ids))
+        .select((deliveries::notification_id, deliveries::status))
         .load(c))?;
-    let status = overall_status(&states.iter().map(String::as_str).collect::<Vec<_>>());
-    crate::on_backend!(conn, |c| diesel::update(notifications::table.find(id))
+    let mut channels: HashMap<&str, Vec<&str>> = ids.iter().map(|id| (*id, Vec::new())).collect();
+    for (id, status) in &rows {
+        if let Some(states) = channels.get_mut(id.as_str()) {
+            states.push(status.as_str());
+        }
+    }
+    let overall: HashMap<String, &'static str> = channels
+        .iter()
+        .map(|(id, states)| (id.to_string(), overall_status(states)))
+        .collect();
+    for status in [PENDING, DELIVERED, DEAD] {
+        let these: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| overall.get(*id) == Some(&status))
+            .collect();
+        if these.is_empty() {
+            continue;
+        }
+        crate::on_backend!(conn, |c| diesel::update(
+            notifications::table.filter(notifications::id.eq_any(&these))
+        )
         .set((
             notifications::status.eq(status),
             notifications::updated_at.eq(now),
         ))
         .execute(c))?;
-    Ok(status)
+    }
+    Ok(overall)
 }
 
 /// Writes a new notification and its delivery rows; inside the group-commit writer they join the batch's

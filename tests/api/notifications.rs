@@ -415,6 +415,68 @@ async fn a_failing_webhook_is_retried_with_the_same_webhook_id_until_delivered()
 }
 
 #[tokio::test]
+async fn one_tick_records_each_of_many_outcomes_against_its_own_notification() {
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        // Half the webhooks of the tick fail, in whatever order they arrive.
+        receiver.answer(&[500, 204, 500, 204, 500, 204, 500, 204], 204);
+        let s = setup(backend, &smtp, &receiver, &["0s", "1h"]).await;
+        let mut ids = Vec::new();
+        for day in 1..=8 {
+            let mut visit = attendance(&format!("ATT-B{day}"), "ED");
+            visit["arrived_at"] = json!(format!("2026-11-{:02}T10:00:00Z", day * 2));
+            let resp = s.app.post("/v1/attendances", &s.ed, visit).await;
+            assert_eq!(resp.status, 201, "{resp:?}");
+            ids.push(resp.body["notifications"][0].as_str().unwrap().to_string());
+        }
+        let st = state(&s.settings);
+        let report: Value =
+            serde_json::from_str(&cpis::jobs::run_now(&st, "deliver").await.unwrap()).unwrap();
+        assert_eq!(report["claimed"], 16, "{report}");
+        assert_eq!(report["delivered"], 12, "8 emails and 4 webhooks: {report}");
+        assert_eq!(report["retrying"], 4, "{report}");
+        let hooks = receiver.hooks();
+        assert_eq!(hooks.len(), 8);
+        for id in &ids {
+            let answered = hooks
+                .iter()
+                .find(|h| &h.id == id)
+                .expect("a webhook per notification")
+                .status;
+            let n = notification(&s, id).await;
+            let channel = |name: &str| {
+                n["deliveries"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|d| d["channel"] == name)
+                    .cloned()
+                    .unwrap()
+            };
+            let (webhook, email) = (channel("webhook"), channel("email"));
+            assert_eq!(email["status"], "delivered", "{n}");
+            assert_eq!(webhook["attempts"], 1, "{n}");
+            let attempts = n["attempts"].as_array().unwrap();
+            assert_eq!(attempts.len(), 2, "one attempt per channel: {n}");
+            let webhook_attempt = attempts.iter().find(|a| a["channel"] == "webhook").unwrap();
+            assert_eq!(webhook_attempt["response_code"], answered, "{n}");
+            if answered == 204 {
+                assert_eq!(webhook["status"], "delivered", "{n}");
+                assert_eq!(n["status"], "delivered", "{n}");
+            } else {
+                assert_eq!(webhook["status"], "pending", "{n}");
+                assert!(
+                    webhook["last_error"].as_str().unwrap().contains("500"),
+                    "{n}"
+                );
+                assert_eq!(n["status"], "pending", "{n}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_smtp_server_that_is_down_then_up_gets_the_mail_after_a_retry() {
     for backend in backends() {
         let receiver = start_receiver();

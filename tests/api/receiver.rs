@@ -15,6 +15,8 @@ pub struct Hook {
     /// The secrets (of those the test gave) that one of the signatures verifies with.
     pub verified_with: Vec<String>,
     pub signatures: usize,
+    /// The status the receiver answered.
+    pub status: u16,
 }
 
 #[derive(Default)]
@@ -118,6 +120,7 @@ async fn hook(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> 
         body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         verified_with,
         signatures: sigs.split(' ').filter(|s| !s.is_empty()).count(),
+        status,
     });
     let mut res = HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap());
     if let Some(s) = retry_after {
