@@ -951,6 +951,29 @@ pub fn lock_notifications(
     }
 }
 
+/// Which channels of these notifications (`ids` sorted) are still pending and leased to `instance`, locked on
+/// PostgreSQL until the transaction ends (SQLite writes are serialised already).
+pub fn lock_leased_deliveries(
+    conn: &mut DbConnection,
+    ids: &[&str],
+    instance: &str,
+) -> Result<Vec<(String, String)>, diesel::result::Error> {
+    use diesel::prelude::*;
+    use schema::deliveries::dsl::*;
+    let leased = deliveries
+        .filter(notification_id.eq_any(ids))
+        .filter(leased_by.eq(instance))
+        .filter(status.eq(crate::notify::PENDING))
+        .select((notification_id, channel));
+    match conn {
+        DbConnection::Postgres(c) => leased
+            .order((notification_id, channel))
+            .for_update()
+            .load(c),
+        DbConnection::Sqlite(c) => leased.load(c),
+    }
+}
+
 /// Runs a diesel query on the concrete connection inside a [`DbConnection`]: the body is compiled once per
 /// backend. Through the connection enum, diesel looks up a query's prepared statement by building its SQL text
 /// on every execution; on the concrete connection it finds it by the query's type. The profile of the writer

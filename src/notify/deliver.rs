@@ -371,27 +371,58 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
             // Locked (on PostgreSQL) so that two instances recording channels of one notification cannot each
             // miss the other's outcome when its status is recomputed; in id order, so they cannot deadlock.
             let before: HashMap<String, String> = crate::db::lock_notifications(conn, &ids)?.into_iter().collect();
+            // The channels still leased to this instance (locked on PostgreSQL): another instance takes a channel
+            // over only once its lease has run out, and then records its own outcome.
+            let ours: std::collections::HashSet<(String, String)> =
+                crate::db::lock_leased_deliveries(conn, &ids, &instance)?.into_iter().collect();
+            let mine = |d: &DeliveryRow| ours.contains(&(d.notification_id.clone(), d.channel.clone()));
+            // Delivered channels, the usual outcome, change the same way: one update per channel type.
+            for channel in [EMAIL, WEBHOOK] {
+                let delivered: Vec<&str> = changes
+                    .iter()
+                    .filter(|(done, ..)| done.sent.delivered && done.d.channel == channel && mine(&done.d))
+                    .map(|(done, ..)| done.d.notification_id.as_str())
+                    .collect();
+                if delivered.is_empty() {
+                    continue;
+                }
+                crate::on_backend!(conn, |c| diesel::update(
+                    deliveries::table
+                        .filter(deliveries::channel.eq(channel))
+                        .filter(deliveries::notification_id.eq_any(&delivered)),
+                )
+                .set((
+                    deliveries::status.eq(DELIVERED),
+                    deliveries::attempts.eq(deliveries::attempts + 1),
+                    deliveries::next_attempt_at.eq(now),
+                    deliveries::lease_until.eq(None::<NaiveDateTime>),
+                    deliveries::leased_by.eq(None::<String>),
+                    deliveries::last_error.eq(None::<String>),
+                    deliveries::delivered_at.eq(Some(now)),
+                ))
+                .execute(c))?;
+            }
             let mut attempts = Vec::with_capacity(changes.len());
             let mut outcomes = Vec::with_capacity(changes.len());
             let mut settled: Vec<&NotificationRow> = Vec::new();
             for (done, attempt_number, status, next_at) in &changes {
                 let Done { n, d, sent, elapsed } = done;
-                let updated = crate::on_backend!(conn, |c| diesel::update(
-                    deliveries::table
-                        .find((&d.notification_id, &d.channel))
-                        .filter(deliveries::leased_by.eq(&instance))
-                        .filter(deliveries::status.eq(PENDING)),
-                )
-                .set((
-                    deliveries::status.eq(*status),
-                    deliveries::attempts.eq(attempt_number),
-                    deliveries::next_attempt_at.eq(next_at),
-                    deliveries::lease_until.eq(None::<NaiveDateTime>),
-                    deliveries::leased_by.eq(None::<String>),
-                    deliveries::last_error.eq(&sent.error),
-                    deliveries::delivered_at.eq(sent.delivered.then_some(now)),
-                ))
-                .execute(c))?;
+                let updated = mine(d);
+                if updated && !sent.delivered {
+                    crate::on_backend!(conn, |c| diesel::update(
+                        deliveries::table.find((&d.notification_id, &d.channel)),
+                    )
+                    .set((
+                        deliveries::status.eq(*status),
+                        deliveries::attempts.eq(attempt_number),
+                        deliveries::next_attempt_at.eq(next_at),
+                        deliveries::lease_until.eq(None::<NaiveDateTime>),
+                        deliveries::leased_by.eq(None::<String>),
+                        deliveries::last_error.eq(&sent.error),
+                        deliveries::delivered_at.eq(None::<NaiveDateTime>),
+                    ))
+                    .execute(c))?;
+                }
                 attempts.push(AttemptRow {
                     id: crate::db::new_id(),
                     notification_id: d.notification_id.clone(),
@@ -402,7 +433,7 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
                     error: sent.error.clone(),
                     duration_ms: elapsed.as_millis() as i64,
                 });
-                if updated == 0 {
+                if !updated {
                     // The lease ran out and another instance took the row over; it records its own outcome.
                     outcomes.push(Outcome::Skipped);
                     continue;
