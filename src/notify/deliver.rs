@@ -407,8 +407,8 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
             let mut settled: Vec<&NotificationRow> = Vec::new();
             for (done, attempt_number, status, next_at) in &changes {
                 let Done { n, d, sent, elapsed } = done;
-                let updated = mine(d);
-                if updated && !sent.delivered {
+                let still_ours = mine(d);
+                if still_ours && !sent.delivered {
                     crate::on_backend!(conn, |c| diesel::update(
                         deliveries::table.find((&d.notification_id, &d.channel)),
                     )
@@ -433,7 +433,7 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
                     error: sent.error.clone(),
                     duration_ms: elapsed.as_millis() as i64,
                 });
-                if !updated {
+                if !still_ours {
                     // The lease ran out and another instance took the row over; it records its own outcome.
                     outcomes.push(Outcome::Skipped);
                     continue;
