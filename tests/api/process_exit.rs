@@ -15,7 +15,9 @@ const THIS_TEST: &str =
 
 /// Runs in the child: threads open databases and query them in a loop; the main thread exits under them.
 fn child(url: &str) -> ! {
-    let settings = cpis::config::Settings::for_database(url).database;
+    let mut settings = cpis::config::Settings::for_database(url).database;
+    // Few connections each, so the children stay well inside the server's connection limit beside other tests.
+    settings.pool_size = 4;
     for _ in 0..2 {
         let settings = settings.clone();
         std::thread::spawn(move || loop {
