@@ -928,7 +928,7 @@ pub fn release_job_lock(conn: &mut DbConnection, key: i64) -> Result<(), diesel:
     }
 }
 
-/// The statuses of these notifications (`ids` sorted), locked on PostgreSQL until the transaction ends, so that
+/// The statuses of these notifications, locked on PostgreSQL until the transaction ends, so that
 /// two instances recording channels of one notification cannot each miss the other's outcome when its status is
 /// recomputed (locked in id order, so two instances cannot deadlock). SQLite writes are serialised already.
 pub fn lock_notifications(
@@ -951,8 +951,8 @@ pub fn lock_notifications(
     }
 }
 
-/// Which channels of these notifications (`ids` sorted) are still pending and leased to `instance`, locked on
-/// PostgreSQL until the transaction ends (SQLite writes are serialised already).
+/// Which channels of these notifications are still pending and leased to `instance`, locked on PostgreSQL (in key
+/// order) until the transaction ends (SQLite writes are serialised already).
 pub fn lock_leased_deliveries(
     conn: &mut DbConnection,
     ids: &[&str],

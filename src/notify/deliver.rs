@@ -16,7 +16,7 @@ use crate::startup::AppState;
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use futures_util::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -373,15 +373,19 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
             let before: HashMap<String, String> = crate::db::lock_notifications(conn, &ids)?.into_iter().collect();
             // The channels still leased to this instance (locked on PostgreSQL): another instance takes a channel
             // over only once its lease has run out, and then records its own outcome.
-            let ours: std::collections::HashSet<(String, String)> =
+            let ours: HashSet<(String, String)> =
                 crate::db::lock_leased_deliveries(conn, &ids, &instance)?.into_iter().collect();
-            let mine = |d: &DeliveryRow| ours.contains(&(d.notification_id.clone(), d.channel.clone()));
+            let still_ours: Vec<bool> = changes
+                .iter()
+                .map(|(done, ..)| ours.contains(&(done.d.notification_id.clone(), done.d.channel.clone())))
+                .collect();
             // Delivered channels, the usual outcome, change the same way: one update per channel type.
             for channel in [EMAIL, WEBHOOK] {
                 let delivered: Vec<&str> = changes
                     .iter()
-                    .filter(|(done, ..)| done.sent.delivered && done.d.channel == channel && mine(&done.d))
-                    .map(|(done, ..)| done.d.notification_id.as_str())
+                    .zip(&still_ours)
+                    .filter(|((done, ..), ours)| **ours && done.sent.delivered && done.d.channel == channel)
+                    .map(|((done, ..), _)| done.d.notification_id.as_str())
                     .collect();
                 if delivered.is_empty() {
                     continue;
@@ -405,9 +409,9 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
             let mut attempts = Vec::with_capacity(changes.len());
             let mut outcomes = Vec::with_capacity(changes.len());
             let mut settled: Vec<&NotificationRow> = Vec::new();
-            for (done, attempt_number, status, next_at) in &changes {
+            let mut settled_ids: HashSet<&str> = HashSet::new();
+            for ((done, attempt_number, status, next_at), &still_ours) in changes.iter().zip(&still_ours) {
                 let Done { n, d, sent, elapsed } = done;
-                let still_ours = mine(d);
                 if still_ours && !sent.delivered {
                     crate::on_backend!(conn, |c| diesel::update(
                         deliveries::table.find((&d.notification_id, &d.channel)),
@@ -441,7 +445,7 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
                 if sent.gone && d.channel == super::WEBHOOK {
                     EndpointRow::disable_webhook(conn, &n.org_ods, now)?;
                 }
-                if !settled.iter().any(|s| s.id == n.id) {
+                if settled_ids.insert(n.id.as_str()) {
                     settled.push(n);
                 }
                 outcomes.push(match *status {

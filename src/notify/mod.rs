@@ -332,19 +332,14 @@ pub fn refresh_statuses(
             states.push(status.as_str());
         }
     }
-    let overall: HashMap<String, &'static str> = channels
-        .iter()
-        .map(|(id, states)| (id.to_string(), overall_status(states)))
-        .collect();
-    for status in [PENDING, DELIVERED, DEAD] {
-        let these: Vec<&str> = ids
-            .iter()
-            .copied()
-            .filter(|id| overall.get(*id) == Some(&status))
-            .collect();
-        if these.is_empty() {
-            continue;
-        }
+    let mut overall: HashMap<String, &'static str> = HashMap::with_capacity(channels.len());
+    let mut by_status: HashMap<&'static str, Vec<&str>> = HashMap::new();
+    for (id, states) in channels {
+        let status = overall_status(&states);
+        overall.insert(id.to_string(), status);
+        by_status.entry(status).or_default().push(id);
+    }
+    for (status, these) in by_status {
         crate::on_backend!(conn, |c| diesel::update(
             notifications::table.filter(notifications::id.eq_any(&these))
         )
