@@ -51,11 +51,21 @@ pub struct AttendanceRow {
 }
 
 impl AttendanceRow {
+    /// The attendance a setting reported under `attendance_id`, committed or written earlier in this batch.
     pub fn find_by_source(
         conn: &mut DbConnection,
         setting: &str,
         attendance_id: &str,
     ) -> Result<Option<Self>, Error> {
+        let buffered = crate::db::deferred::with(|d| {
+            d.attendances
+                .iter()
+                .find(|a| a.setting_ods == setting && a.attendance_id == attendance_id)
+                .cloned()
+        });
+        if let Some(Some(found)) = buffered {
+            return Ok(Some(found));
+        }
         crate::on_backend!(conn, |c| attendances::table
             .filter(attendances::setting_ods.eq(setting))
             .filter(attendances::attendance_id.eq(attendance_id))
@@ -236,6 +246,19 @@ pub fn apply_resolution(
     Ok(notifications)
 }
 
+/// Whether recording this attendance may teach the built-in MPI ([`learn`]: only a setting's own identifier,
+/// with its region, is learnt).
+pub fn may_teach_mpi(att: &AttendanceRow) -> bool {
+    att.identifier_system.is_some() && att.identifier_value.is_some() && att.region.is_some()
+}
+
+/// Whether a new attendance's write needs a savepoint of its own: on SQLite only when it may teach the MPI
+/// (the one part that changes rows in place rather than adding rows the writer buffers, [`insert`]); on
+/// PostgreSQL always, since the attendance's own row is inserted at once.
+pub fn needs_savepoint(att: &AttendanceRow, sqlite: bool) -> bool {
+    !sqlite || may_teach_mpi(att)
+}
+
 /// Feeds the built-in MPI: a setting that knows both the NHS number and its own identifier for a patient links
 /// them; a confident demographic match links the identifier to the matched person. Possible matches never link.
 fn learn(
@@ -244,6 +267,9 @@ fn learn(
     att: &mut AttendanceRow,
     resolution: &Resolution,
 ) -> Result<(), Error> {
+    if !may_teach_mpi(att) {
+        return Ok(());
+    }
     let query = att.query();
     let (Some(identifier), Some(region)) = (&query.identifier, &att.region) else {
         return Ok(());
@@ -272,11 +298,20 @@ pub fn update(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error>
         .map(|_| ())
 }
 
-pub fn insert(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error> {
-    crate::on_backend!(conn, |c| diesel::insert_into(attendances::table)
-        .values(att)
-        .execute(c))
-    .map(|_| ())
+/// Stores a new attendance. On SQLite, inside the group-commit writer, it joins the batch's multi-row insert
+/// ([`crate::db::deferred`]), where [`AttendanceRow::find_by_source`] still finds it: the writer is the only
+/// one, so no copy can be stored behind its back. On PostgreSQL several instances may write at once, and a
+/// copy stored by another between the look and the insert would fail a whole batch at its end; there the
+/// insert runs at once, in the write's savepoint, and fails that write alone.
+pub fn insert(conn: &mut DbConnection, att: AttendanceRow) -> Result<(), Error> {
+    let att = match conn {
+        DbConnection::Sqlite(_) => match crate::db::deferred::keep(att, |d| &mut d.attendances) {
+            None => return Ok(()),
+            Some(att) => att,
+        },
+        DbConnection::Postgres(_) => att,
+    };
+    crate::db::insert_attendances(conn, std::slice::from_ref(&att)).map(|_| ())
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -354,4 +389,57 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
         "rematch finished"
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attendance(identifier: Option<&str>, region: Option<&str>) -> AttendanceRow {
+        let at = NaiveDate::from_ymd_opt(2026, 11, 20)
+            .unwrap()
+            .and_hms_opt(22, 15, 0)
+            .unwrap();
+        AttendanceRow {
+            id: "a".into(),
+            setting_ods: "RBT01".into(),
+            attendance_id: "ATT-1".into(),
+            setting_type: "ED".into(),
+            arrived_at: at,
+            reason: None,
+            nhs_number: Some("9434765919".into()),
+            identifier_system: identifier.map(|_| "https://cw.example.nhs.uk/Id/mrn".into()),
+            identifier_value: identifier.map(str::to_string),
+            given_name: None,
+            family_name: None,
+            birth_date: None,
+            sex: None,
+            postcode: None,
+            region: region.map(str::to_string),
+            match_status: PENDING.into(),
+            match_method: None,
+            match_score: None,
+            person_id: None,
+            resolved_nhs_number: None,
+            flagged: false,
+            rematch_attempts: 0,
+            key_id: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    #[test]
+    fn only_an_attendance_the_mpi_may_learn_from_needs_a_savepoint_on_sqlite_and_every_one_on_postgres(
+    ) {
+        let plain = attendance(None, Some("CW"));
+        let with_identifier = attendance(Some("CW-7"), Some("CW"));
+        let without_region = attendance(Some("CW-7"), None);
+        assert!(!needs_savepoint(&plain, true));
+        assert!(needs_savepoint(&with_identifier, true));
+        assert!(!needs_savepoint(&without_region, true));
+        for att in [&plain, &with_identifier, &without_region] {
+            assert!(needs_savepoint(att, false));
+        }
+    }
 }

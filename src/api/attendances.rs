@@ -191,10 +191,14 @@ pub async fn create(
         updated_at: now,
     };
     let settings = state.settings.clone();
+    // On SQLite, unless the MPI may learn a local identifier from it, an attendance only reads and adds rows the
+    // writer holds until its batch commits (its own row among them), so it needs no savepoint of its own.
+    let savepoint = attendances::needs_savepoint(&att, state.db.is_sqlite());
     let stored = state
         .db
-        .write(move |conn| {
-            // Two copies of one attendance racing: the second finds the first here (or hits the unique index).
+        .write_maybe_buffered(savepoint, move |conn| {
+            // Two copies of one attendance racing: the second finds the first here, committed or earlier in the
+            // same batch (or hits the unique index).
             if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
                 return Ok::<_, ApiError>(Err(existing));
             }
@@ -205,7 +209,6 @@ pub async fn create(
                 }
                 None => (None, FlagView::default(), Vec::new()),
             };
-            attendances::insert(conn, &att)?;
             let outcome = match (&resolution, view.hit) {
                 (None, _) => PENDING,
                 (Some(_), true) => "flagged",
@@ -218,7 +221,9 @@ pub async fn create(
                 outcome,
                 detail: Some(json!({"setting_ods": att.setting_ods, "setting_type": att.setting_type, "method": att.match_method}).to_string()),
             })?;
-            Ok(Ok((answer(&att, resolution.as_ref(), &view, &notified), !notified.is_empty())))
+            let json = answer(&att, resolution.as_ref(), &view, &notified);
+            attendances::insert(conn, att)?;
+            Ok(Ok((json, !notified.is_empty())))
         })
         .await?;
     match stored {

@@ -1,13 +1,15 @@
 //! Rows the group-commit writer inserts at the end of its batch, several at a time, instead of one statement
-//! each while the batch's writes run: a flag check's access, and the outbox rows (notifications and their
-//! deliveries) of checks and attendances. Like the audit events, they are written in the batch's own
-//! transaction, so they commit with the writes that made them or not at all; a write that fails has its rows
-//! dropped. Outside the writer (the blocking write of a bulk file, tests), rows are inserted at once.
+//! each while the batch's writes run: a flag check's access, an attendance's own row, and the outbox rows
+//! (notifications and their deliveries) of checks and attendances. Like the audit events, they are written in
+//! the batch's own transaction, so they commit with the writes that made them or not at all; a write that
+//! fails has its rows dropped. Outside the writer (the blocking write of a bulk file, tests), rows are inserted
+//! at once.
 //!
 //! Inside a batch, whatever looks these rows up again reads the buffer as well as the table (the visit window
-//! of [`crate::notify`], an attendance's notifications).
+//! of [`crate::notify`], an attendance's notifications, a repeated attendance).
 
 use super::DbConnection;
+use crate::attendances::AttendanceRow;
 use crate::db::models::AccessRow;
 use crate::notify::{DeliveryRow, NotificationRow};
 use diesel::result::Error;
@@ -16,6 +18,7 @@ use std::cell::RefCell;
 #[derive(Default)]
 pub struct Deferred {
     pub accesses: Vec<AccessRow>,
+    pub attendances: Vec<AttendanceRow>,
     pub notifications: Vec<NotificationRow>,
     pub deliveries: Vec<DeliveryRow>,
 }
@@ -27,7 +30,7 @@ thread_local! {
 
 /// How far each buffer had grown before a write, to drop that write's rows if it fails.
 #[derive(Debug, Clone, Copy)]
-pub struct Mark(usize, usize, usize);
+pub struct Mark(usize, usize, usize, usize);
 
 /// Starts buffering this thread's rows (the writer, at the start of a batch).
 pub fn begin() {
@@ -41,8 +44,13 @@ pub fn abandon() {
 
 pub fn mark() -> Mark {
     DEFERRED.with(|d| match d.borrow().as_ref() {
-        Some(d) => Mark(d.accesses.len(), d.notifications.len(), d.deliveries.len()),
-        None => Mark(0, 0, 0),
+        Some(d) => Mark(
+            d.accesses.len(),
+            d.attendances.len(),
+            d.notifications.len(),
+            d.deliveries.len(),
+        ),
+        None => Mark(0, 0, 0, 0),
     })
 }
 
@@ -51,8 +59,9 @@ pub fn truncate(mark: Mark) {
     DEFERRED.with(|d| {
         if let Some(d) = d.borrow_mut().as_mut() {
             d.accesses.truncate(mark.0);
-            d.notifications.truncate(mark.1);
-            d.deliveries.truncate(mark.2);
+            d.attendances.truncate(mark.1);
+            d.notifications.truncate(mark.2);
+            d.deliveries.truncate(mark.3);
         }
     });
 }
@@ -81,6 +90,7 @@ pub fn flush(conn: &mut DbConnection) -> Result<(), Error> {
         return Ok(());
     };
     super::insert_accesses(conn, &rows.accesses)?;
+    super::insert_attendances(conn, &rows.attendances)?;
     super::insert_notifications(conn, &rows.notifications)?;
     super::insert_deliveries(conn, &rows.deliveries)?;
     Ok(())

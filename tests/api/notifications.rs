@@ -366,6 +366,63 @@ async fn checks_of_one_visit_at_the_same_moment_make_one_notification_and_every_
 }
 
 #[tokio::test]
+async fn copies_of_one_attendance_sent_at_once_are_stored_once_and_notified_once() {
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        let s = setup(backend, &smtp, &receiver, &["0s"]).await;
+        // A retrying sender's copies, written together (one group commit, or a few): the copies after the first
+        // must find it, whether it is committed or still waiting in the same batch.
+        let copies = futures_util::future::join_all((0..12).map(|_| {
+            s.app
+                .post("/v1/attendances", &s.ed, attendance("ATT-R", "ED"))
+        }))
+        .await;
+        let created: Vec<_> = copies.iter().filter(|c| c.status == 201).collect();
+        assert_eq!(created.len(), 1, "one copy creates it: {copies:?}");
+        assert!(
+            copies.iter().all(|c| c.status == 201 || c.status == 200),
+            "the others are answered as repeats: {copies:?}"
+        );
+        let id = &created[0].body["id"];
+        assert!(copies.iter().all(|c| &c.body["id"] == id), "{copies:?}");
+        assert!(
+            copies
+                .iter()
+                .all(|c| c.body["notifications"] == created[0].body["notifications"]),
+            "every copy names the one notification: {copies:?}"
+        );
+        let list = s.app.get("/v1/notifications", &s.la).await;
+        assert_eq!(
+            list.body["items"].as_array().unwrap().len(),
+            1,
+            "one attendance, one notification: {list:?}"
+        );
+        let check = s
+            .app
+            .post(
+                "/v1/flag-checks",
+                &s.ed,
+                json!({"patient": {"nhs_number": CHILD}, "access": "scheduled"}),
+            )
+            .await;
+        assert_eq!(
+            check.body["recent_accesses"].as_array().unwrap().len(),
+            1,
+            "one attendance in the child's recent accesses: {check:?}"
+        );
+        use diesel::prelude::*;
+        let db = s.app.db.db();
+        let mut conn = db.get().unwrap();
+        let stored: i64 = cpis::db::schema::attendances::table
+            .count()
+            .get_result(&mut *conn)
+            .unwrap();
+        assert_eq!(stored, 1);
+    }
+}
+
+#[tokio::test]
 async fn a_failing_webhook_is_retried_with_the_same_webhook_id_until_delivered() {
     for backend in backends() {
         let smtp = start_smtp(0).await;
