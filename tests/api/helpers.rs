@@ -314,6 +314,17 @@ impl TestApp {
         resp
     }
 
+    /// Attendances stored, read straight from the database.
+    pub fn stored_attendances(&self) -> i64 {
+        use diesel::prelude::*;
+        let db = self.db.db();
+        let mut conn = db.get().unwrap();
+        cpis::db::schema::attendances::table
+            .count()
+            .get_result(&mut *conn)
+            .unwrap()
+    }
+
     pub async fn key(&self, org: &str, roles: &[&str]) -> String {
         let resp = self
             .post(

@@ -196,14 +196,7 @@ async fn the_same_attendance_posted_twice_is_stored_once() {
             1,
             "{check:?}"
         );
-        use diesel::prelude::*;
-        let db = app.db.db();
-        let mut conn = db.get().unwrap();
-        let stored: i64 = cpis::db::schema::attendances::table
-            .count()
-            .get_result(&mut *conn)
-            .unwrap();
-        assert_eq!(stored, 1);
+        assert_eq!(app.stored_attendances(), 1);
     }
 }
 

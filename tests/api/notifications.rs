@@ -411,14 +411,7 @@ async fn copies_of_one_attendance_sent_at_once_are_stored_once_and_notified_once
             1,
             "one attendance in the child's recent accesses: {check:?}"
         );
-        use diesel::prelude::*;
-        let db = s.app.db.db();
-        let mut conn = db.get().unwrap();
-        let stored: i64 = cpis::db::schema::attendances::table
-            .count()
-            .get_result(&mut *conn)
-            .unwrap();
-        assert_eq!(stored, 1);
+        assert_eq!(s.app.stored_attendances(), 1);
     }
 }
 
