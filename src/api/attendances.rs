@@ -196,7 +196,7 @@ pub async fn create(
     let savepoint = attendances::needs_savepoint(&att, state.db.is_sqlite());
     let stored = state
         .db
-        .write_maybe_buffered(savepoint, move |conn| {
+        .write_with(savepoint, move |conn| {
             // Two copies of one attendance racing: the second finds the first here, committed or earlier in the
             // same batch (or hits the unique index).
             if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {

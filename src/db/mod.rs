@@ -498,35 +498,27 @@ impl Db {
         T: Send + 'static,
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
-        self.submit(f, true).await
+        self.write_with(true, f).await
     }
 
     /// [`Db::write`] for a write that reads and only adds rows the writer holds until its batch commits (audit
-    /// events, accesses, notifications and their deliveries: [`deferred`]) and drops if the write fails: there
-    /// is nothing for a savepoint to undo, so it runs without one (on PostgreSQL a savepoint is two round trips).
-    /// Used by a check's audit event, a flag check that hits, and most new attendances; anything that updates,
-    /// or inserts other rows, must use [`Db::write`].
+    /// events, accesses, attendances on SQLite, notifications and their deliveries: [`deferred`]) and drops if
+    /// the write fails: there is nothing for a savepoint to undo, so it runs without one (on PostgreSQL a
+    /// savepoint is two round trips). Used by a check's audit event, a flag check that hits, and (through
+    /// [`Db::write_with`]) most new attendances on SQLite; anything that updates, or inserts other rows, must
+    /// use [`Db::write`].
     pub(crate) async fn write_buffered<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
     {
-        self.submit(f, false).await
+        self.write_with(false, f).await
     }
 
-    /// [`Db::write`] when `savepoint`, else [`Db::write_buffered`]: for a write that only needs a savepoint in
-    /// some cases (an attendance that may teach the MPI a local identifier).
-    pub(crate) async fn write_maybe_buffered<T, E, F>(&self, savepoint: bool, f: F) -> Result<T, E>
-    where
-        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
-        T: Send + 'static,
-        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
-    {
-        self.submit(f, savepoint).await
-    }
-
-    async fn submit<T, E, F>(&self, f: F, savepoint: bool) -> Result<T, E>
+    /// [`Db::write`] when `savepoint`, else [`Db::write_buffered`]; called directly by a write that needs a
+    /// savepoint only in some cases (an attendance that may teach the MPI a local identifier).
+    pub(crate) async fn write_with<T, E, F>(&self, savepoint: bool, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
