@@ -47,5 +47,25 @@ impl Clock for FixedClock {
 
 /// The wire format of timestamps: RFC 3339, UTC, microseconds.
 pub fn format_timestamp(at: NaiveDateTime) -> String {
-    at.and_utc().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    at.and_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_timestamp;
+    use chrono::NaiveDate;
+
+    #[test]
+    fn timestamps_are_utc_with_six_fraction_digits_whatever_the_value() {
+        let day = NaiveDate::from_ymd_opt(2026, 3, 9).unwrap();
+        assert_eq!(
+            format_timestamp(day.and_hms_micro_opt(7, 5, 3, 42).unwrap()),
+            "2026-03-09T07:05:03.000042Z"
+        );
+        assert_eq!(
+            format_timestamp(day.and_hms_opt(23, 59, 59).unwrap()),
+            "2026-03-09T23:59:59.000000Z"
+        );
+    }
 }

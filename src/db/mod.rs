@@ -317,13 +317,21 @@ fn writer_loop(
     }
 }
 
+/// A writing connection's SQLite page cache: 64 MiB.
+const WRITER_CACHE: &str = "PRAGMA cache_size = -65536;";
+/// [`Db::write_blocking`]'s settings for its transaction, and the pool's settings it puts back: SQLite's
+/// defaults (a 2,000 KiB cache, a checkpoint by the committing connection once the WAL holds 1,000 pages).
+const LONG_WRITE: &str = "PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 0;";
+const READER: &str = "PRAGMA cache_size = -2000; PRAGMA wal_autocheckpoint = 1000;";
+
 /// The writer's own connection; on SQLite with a larger page cache than the readers' (64 MiB), since every
 /// write's index pages pass through it, and checkpointing left to [`checkpointer_loop`] until the WAL reaches
 /// 32 MiB (SQLite's default is to checkpoint in the committing connection at 4 MiB).
 fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
     let mut conn = manager.connect()?;
     if let DbConnection::Sqlite(c) = &mut conn {
-        c.batch_execute("PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 8192;")
+        c.batch_execute(WRITER_CACHE)
+            .and_then(|()| c.batch_execute("PRAGMA wal_autocheckpoint = 8192;"))
             .map_err(r2d2::Error::QueryError)?;
     }
     Ok(conn)
@@ -557,16 +565,23 @@ impl Db {
         E: From<DbError> + From<diesel::result::Error>,
     {
         let mut conn = self.pool.get().map_err(DbError::from)?;
-        let _guard = if self.is_sqlite() {
-            Some(
-                self.write_lock
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            )
-        } else {
-            None
-        };
-        write_transaction(&mut conn, f)
+        if !self.is_sqlite() {
+            return write_transaction(&mut conn, f);
+        }
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // A long write (a bulk file, a job) dirties more pages than a reader's cache holds; SQLite would spill
+        // them to the WAL in the middle of the transaction and read them back. It gets the writer's cache for
+        // its duration (the pages above a reader's size are freed afterwards), and its commit leaves copying
+        // its pages into the database file to the checkpointer instead of doing it before it returns.
+        conn.batch_execute(LONG_WRITE).map_err(DbError::Query)?;
+        let result = write_transaction(&mut conn, f);
+        if let Err(e) = conn.batch_execute(READER) {
+            tracing::warn!(error = %e, "a connection kept the writer's page cache after a long write");
+        }
+        result
     }
 
     pub fn get(&self) -> Result<r2d2::PooledConnection<Manager>, DbError> {
@@ -1194,6 +1209,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, 1);
+    }
+
+    /// A bulk file's transaction gets the writer's page cache and leaves checkpoints to the checkpointer; the
+    /// pooled connection it ran on goes back to a reader's settings, so it does not keep 64 MiB of pages.
+    #[test]
+    fn a_long_write_gets_a_large_cache_and_its_connection_goes_back_to_a_readers() {
+        use diesel::prelude::*;
+        use diesel::sql_types::BigInt;
+        #[derive(QueryableByName)]
+        struct Cache {
+            #[diesel(sql_type = BigInt)]
+            cache_size: i64,
+        }
+        #[derive(QueryableByName)]
+        struct Checkpoint {
+            #[diesel(sql_type = BigInt)]
+            wal_autocheckpoint: i64,
+        }
+        fn settings(conn: &mut super::DbConnection) -> (i64, i64) {
+            let cache: Cache =
+                crate::on_backend!(&mut *conn, |c| diesel::sql_query("PRAGMA cache_size")
+                    .get_result(c))
+                .unwrap();
+            let checkpoint: Checkpoint =
+                crate::on_backend!(conn, |c| diesel::sql_query("PRAGMA wal_autocheckpoint")
+                    .get_result(c))
+                .unwrap();
+            (cache.cache_size, checkpoint.wal_autocheckpoint)
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
+        let mut config = crate::config::Settings::for_database(&url).database;
+        config.pool_size = 1;
+        let db = super::Db::connect(&config).unwrap();
+        db.migrate().unwrap();
+        let during = db
+            .write_blocking(|conn| Ok::<_, super::DbError>(settings(conn)))
+            .unwrap();
+        assert_eq!(during, (-65536, 0));
+        let after = settings(&mut db.get().unwrap());
+        assert_eq!(after, (-2000, 1000));
     }
 
     #[test]
