@@ -573,8 +573,8 @@ impl Db {
         // A long write (a bulk file, a job) dirties more pages than a reader's cache holds; SQLite would spill
         // them to the WAL in the middle of the transaction and read them back. It gets the writer's cache for
         // its duration, and the pages above a reader's size are freed afterwards. Its commit still checkpoints:
-        // left to the checkpointer, long writes one after another (seeding the benchmark) grew the WAL to
-        // gigabytes, and every reader's page lookup slowed down searching it.
+        // with that left to the checkpointer, long writes one after another (seeding the benchmark) let the WAL
+        // grow between them, and the flag checks after them ran at two thirds of their rate.
         conn.batch_execute(WRITER_CACHE).map_err(DbError::Query)?;
         let result = write_transaction(&mut conn, f);
         if let Err(e) = conn.batch_execute(READER_CACHE) {
