@@ -76,6 +76,8 @@ impl ManageConnection for Manager {
                      PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
                 )
                 .map_err(r2d2::Error::QueryError)?;
+                conn.batch_execute(READER_CACHE)
+                    .map_err(r2d2::Error::QueryError)?;
                 Ok(DbConnection::Sqlite(conn))
             }
         }
@@ -319,7 +321,8 @@ fn writer_loop(
 
 /// A writing connection's SQLite page cache: 64 MiB.
 const WRITER_CACHE: &str = "PRAGMA cache_size = -65536;";
-/// A pooled connection's, put back after [`Db::write_blocking`] has lent it the writer's: SQLite's default.
+/// A pooled connection's (SQLite's default, set when it connects), put back after [`Db::write_blocking`] has
+/// lent it the writer's.
 const READER_CACHE: &str = "PRAGMA cache_size = -2000;";
 
 /// The writer's own connection; on SQLite with a larger page cache than the readers' (64 MiB), since every
@@ -329,7 +332,8 @@ fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
     let mut conn = manager.connect()?;
     if let DbConnection::Sqlite(c) = &mut conn {
         c.batch_execute(WRITER_CACHE)
-            .and_then(|()| c.batch_execute("PRAGMA wal_autocheckpoint = 8192;"))
+            .map_err(r2d2::Error::QueryError)?;
+        c.batch_execute("PRAGMA wal_autocheckpoint = 8192;")
             .map_err(r2d2::Error::QueryError)?;
     }
     Ok(conn)
@@ -556,7 +560,7 @@ impl Db {
             .map_err(|_| DbError::Migration("the database writer dropped a write".into()))?
     }
 
-    /// `write` for callers already off the async threads (CLI, jobs).
+    /// `write` for callers already off the async threads (bulk files, CLI commands).
     pub fn write_blocking<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<T, E>,
@@ -570,7 +574,7 @@ impl Db {
             .write_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // A long write (a bulk file, a job) dirties more pages than a reader's cache holds; SQLite would spill
+        // A long write (a bulk file, a CLI command) dirties more pages than a reader's cache holds; SQLite would spill
         // them to the WAL in the middle of the transaction and read them back. It gets the writer's cache for
         // its duration, and the pages above a reader's size are freed afterwards. Its commit still checkpoints:
         // with that left to the checkpointer, long writes one after another (seeding the benchmark) let the WAL
