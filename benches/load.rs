@@ -646,7 +646,7 @@ async fn bulk_import(args: &Args, db: &Db, client: &reqwest::Client, base: &str,
 }
 
 /// Delivery: a backlog of notifications to a local webhook receiver and a local SMTP server (STARTTLS), then
-/// attendance-to-webhook latency with the deliverer running.
+/// attendance-to-webhook and attendance-to-email latency with the deliverer running.
 #[allow(clippy::too_many_arguments)]
 async fn delivery(
     args: &Args,
@@ -752,8 +752,9 @@ async fn delivery(
         e.as_secs_f64()
     );
 
-    // Attendance-to-webhook latency with the deliverer running and woken by each write.
+    // Attendance-to-webhook and attendance-to-email latency with the deliverer running and woken by each write.
     let before = receiver.hooks().len();
+    let mails_before = smtp_server.mails().len();
     let mut posted = Vec::new();
     for i in 0..300.min(flagged.len() / 2) {
         // People kept apart from the backlog, so no earlier visit of theirs absorbs the notification.
@@ -778,27 +779,37 @@ async fn delivery(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let wait = Instant::now();
-    while receiver.hooks().len() < before + posted.len() && wait.elapsed() < Duration::from_secs(60)
+    while (receiver.hooks().len() < before + posted.len()
+        || smtp_server.mails().len() < mails_before + posted.len())
+        && wait.elapsed() < Duration::from_secs(60)
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let arrivals = receiver.arrivals();
-    let mut latencies: Vec<Duration> = posted
+    let mails: Vec<(String, Instant)> = smtp_server
+        .mails()
         .iter()
-        .filter_map(|(id, t0)| {
-            arrivals
-                .iter()
-                .find(|(h, _)| h == id)
-                .map(|(_, at)| at.saturating_duration_since(*t0))
-        })
+        .filter_map(|m| Some((m.notification_id()?, m.received)))
         .collect();
-    latencies.sort();
-    println!(
-        "attendance-to-webhook latency over {} attendances (about 100/s): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
-        latencies.len(),
-        pct(&latencies, 0.5),
-        pct(&latencies, 0.9),
-        pct(&latencies, 0.99)
-    );
+    for (what, arrived) in [("webhook", &arrivals), ("email", &mails)] {
+        let mut latencies: Vec<Duration> = posted
+            .iter()
+            .filter_map(|(id, t0)| {
+                arrived
+                    .iter()
+                    .find(|(n, _)| n == id)
+                    .map(|(_, at)| at.saturating_duration_since(*t0))
+            })
+            .collect();
+        latencies.sort();
+        println!(
+            "attendance-to-{what} latency over {} of {} attendances (about 100/s): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
+            latencies.len(),
+            posted.len(),
+            pct(&latencies, 0.5),
+            pct(&latencies, 0.9),
+            pct(&latencies, 0.99)
+        );
+    }
     drop(deliverer);
 }

@@ -162,11 +162,11 @@ async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_o
         let message_ids: BTreeSet<String> = mails
             .iter()
             .map(|m| {
-                m.header("message-id")
-                    .unwrap()
-                    .trim_matches(|c| c == '<' || c == '>')
-                    .trim_end_matches("@cpis.test")
-                    .to_string()
+                assert!(
+                    m.header("message-id").unwrap().ends_with("@cpis.test>"),
+                    "the Message-ID is in the sender's domain"
+                );
+                m.notification_id().unwrap()
             })
             .collect();
         assert_eq!(

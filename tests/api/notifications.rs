@@ -830,7 +830,9 @@ async fn the_deliver_job_is_woken_at_once_when_a_notification_is_written() {
             reqwest::Method::PUT,
             "/v1/organisations/E08000025/delivery",
             Some(&la),
-            Some(json!({"webhook": {"url": receiver.url}})),
+            Some(
+                json!({"email": ["mash@birmingham.example.org"], "webhook": {"url": receiver.url}}),
+            ),
         )
         .await;
     receiver.trust(put.body["webhook"]["secret"].as_str().unwrap());
@@ -838,7 +840,7 @@ async fn the_deliver_job_is_woken_at_once_when_a_notification_is_written() {
     let started = Instant::now();
     app.post("/v1/attendances", &ed, attendance("ATT-W", "ED"))
         .await;
-    while receiver.hooks().is_empty() {
+    while receiver.hooks().is_empty() || smtp.mails().is_empty() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the deliver job was not woken"
@@ -850,6 +852,16 @@ async fn the_deliver_job_is_woken_at_once_when_a_notification_is_written() {
     assert!(
         arrived.duration_since(started) < Duration::from_secs(5),
         "woken, not waiting for a tick"
+    );
+    let mail = &smtp.mails()[0];
+    assert_eq!(
+        mail.notification_id().as_deref(),
+        Some(receiver.hooks()[0].id.as_str()),
+        "the email is the same notification"
+    );
+    assert!(
+        mail.received.duration_since(started) < Duration::from_secs(5),
+        "the email went at once too"
     );
 }
 

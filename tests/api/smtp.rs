@@ -15,6 +15,8 @@ pub struct Mail {
     pub to: Vec<String>,
     pub data: String,
     pub over_tls: bool,
+    /// When the server had the whole message (for write-to-receipt latency in the benchmark).
+    pub received: std::time::Instant,
 }
 
 impl Mail {
@@ -24,6 +26,13 @@ impl Mail {
             .lines()
             .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
             .map(|l| l[prefix.len()..].trim().to_string())
+    }
+
+    /// The notification a mail is about: its `Message-ID` is `<notification id>@<domain>`.
+    pub fn notification_id(&self) -> Option<String> {
+        let id = self.header("Message-ID")?;
+        let id = id.trim_start_matches('<');
+        id.split_once('@').map(|(n, _)| n.to_string())
     }
 
     /// The body after the headers, with quoted-printable soft line breaks undone.
@@ -226,6 +235,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 to: std::mem::take(&mut to),
                 data,
                 over_tls: tls,
+                received: std::time::Instant::now(),
             });
             "250 2.0.0 OK queued\r\n".into()
         } else if upper == "RSET" {
