@@ -573,9 +573,10 @@ impl Db {
         // spill them to the WAL in the middle of the transaction and read them back. It runs on a connection of
         // its own with the writer's cache, closed when it ends: a pooled connection given the large cache and
         // then a small one again kept the memory (the server's resident set after a 100,000-row import was
-        // about 80 MB higher than with a connection that is closed). Its commit still checkpoints: with that
-        // left to the checkpointer, long writes one after another (seeding the benchmark) let the WAL grow
-        // between them, and the flag checks after them ran at two thirds of their rate.
+        // 35 MB higher at full size, and 70 to 140 MB on a small database, than with a connection that is
+        // closed). Its commit still checkpoints: with that left to the checkpointer, long writes one after
+        // another (seeding the benchmark) let the WAL grow between them, and the flag checks after them ran at
+        // two thirds of their rate.
         let mut conn = self
             .manager
             .connect()
