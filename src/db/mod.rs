@@ -3,6 +3,7 @@
 
 pub mod deferred;
 pub mod models;
+mod pcache;
 pub mod schema;
 
 use crate::config::{DatabaseKind, DatabaseSettings};
@@ -735,6 +736,7 @@ mod sqlite_alloc {
 ///   server's time. cpis keeps no planner statistics, so the plans do not change.
 /// - Memory from the Rust allocator ([`sqlite_alloc`]) and a bulk page cache per connection
 ///   ([`PAGE_CACHE_BULK`]).
+/// - SQLite's page cache behind [`pcache`], which skips truncations that have nothing to drop.
 fn configure_sqlite() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -781,6 +783,7 @@ fn configure_sqlite() {
                 "SQLite was already initialised; page cache bulk unchanged"
             );
         }
+        pcache::install();
         // SAFETY: `stable_plans` has the signature SQLite calls an auto-extension with, and stays valid for the
         // life of the process.
         let rc = unsafe { libsqlite3_sys::sqlite3_auto_extension(Some(stable_plans)) };
