@@ -321,15 +321,21 @@ fn writer_loop(
 /// A writing connection's SQLite page cache: 64 MiB.
 const WRITER_CACHE: &str = "PRAGMA cache_size = -65536;";
 
+/// How many WAL frames (4 KiB pages) the writer lets the WAL reach before it checkpoints in its own commit
+/// (SQLite's default is 1,000): 128 MiB. Below that [`checkpointer_loop`] does the work off the writer. At
+/// 32 MiB the writer still checkpointed itself often enough under load that a flag check's p99 was about
+/// 31 ms at full size against 19 to 21 ms with 128 MiB (BENCHMARKS.md, change 33).
+const WRITER_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 32768;";
+
 /// The writer's own connection; on SQLite with a larger page cache than the readers' (64 MiB), since every
 /// write's index pages pass through it, and checkpointing left to [`checkpointer_loop`] until the WAL reaches
-/// 32 MiB (SQLite's default is to checkpoint in the committing connection at 4 MiB).
+/// [`WRITER_AUTOCHECKPOINT`].
 fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
     let mut conn = manager.connect()?;
     if let DbConnection::Sqlite(c) = &mut conn {
         c.batch_execute(WRITER_CACHE)
             .map_err(r2d2::Error::QueryError)?;
-        c.batch_execute("PRAGMA wal_autocheckpoint = 8192;")
+        c.batch_execute(WRITER_AUTOCHECKPOINT)
             .map_err(r2d2::Error::QueryError)?;
     }
     Ok(conn)
@@ -1096,7 +1102,37 @@ batch_insert!(
 
 #[cfg(test)]
 mod tests {
+    use diesel::prelude::*;
     use libsqlite3_sys as ffi;
+
+    #[derive(QueryableByName)]
+    struct CacheSize {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        cache_size: i64,
+    }
+
+    #[derive(QueryableByName)]
+    struct WalAutocheckpoint {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        wal_autocheckpoint: i64,
+    }
+
+    /// A SQLite connection's page cache setting (negative: KiB).
+    fn cache_size(conn: &mut super::DbConnection) -> i64 {
+        let row: CacheSize = crate::on_backend!(conn, |c| diesel::sql_query("PRAGMA cache_size")
+            .get_result(c))
+        .unwrap();
+        row.cache_size
+    }
+
+    /// How many WAL frames a SQLite connection lets the WAL reach before it checkpoints in its commit.
+    fn wal_autocheckpoint(conn: &mut super::DbConnection) -> i64 {
+        let row: WalAutocheckpoint =
+            crate::on_backend!(conn, |c| diesel::sql_query("PRAGMA wal_autocheckpoint")
+                .get_result(c))
+            .unwrap();
+        row.wal_autocheckpoint
+    }
 
     #[test]
     fn libpq_gets_gssapi_encryption_off_unless_the_url_sets_it() {
@@ -1219,19 +1255,6 @@ mod tests {
     /// connection is left holding 64 MiB of pages.
     #[test]
     fn a_long_write_gets_a_large_page_cache_on_its_own_connection() {
-        use diesel::prelude::*;
-        use diesel::sql_types::BigInt;
-        #[derive(QueryableByName)]
-        struct Cache {
-            #[diesel(sql_type = BigInt)]
-            cache_size: i64,
-        }
-        fn cache_size(conn: &mut super::DbConnection) -> i64 {
-            let cache: Cache = crate::on_backend!(conn, |c| diesel::sql_query("PRAGMA cache_size")
-                .get_result(c))
-            .unwrap();
-            cache.cache_size
-        }
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
         let mut config = crate::config::Settings::for_database(&url).database;
@@ -1252,6 +1275,25 @@ mod tests {
         );
         let after = cache_size(&mut db.get().unwrap());
         assert_eq!(after, -2000);
+    }
+
+    /// The group-commit writer's connection has the writer's page cache and leaves checkpoints to the
+    /// checkpointer until the WAL reaches 128 MiB; a pooled connection has SQLite's defaults.
+    #[tokio::test]
+    async fn the_writer_has_a_large_cache_and_checkpoints_itself_only_past_128_mib_of_wal() {
+        fn settings(conn: &mut super::DbConnection) -> (i64, i64) {
+            (cache_size(conn), wal_autocheckpoint(conn))
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
+        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
+        db.migrate().unwrap();
+        let writer = db
+            .write(|conn| Ok::<_, super::DbError>(settings(conn)))
+            .await
+            .unwrap();
+        assert_eq!(writer, (-65536, 32768));
+        assert_eq!(settings(&mut db.get().unwrap()), (-2000, 1000));
     }
 
     #[test]
