@@ -38,8 +38,9 @@ impl Bounds {
     }
 
     fn fetched(&mut self, key: u32) {
-        // A fetch that may create is counted whether it found the page or made it, as pcache1 does; a page
-        // created on the temporary number is counted as any other (and truncations then always pass).
+        // A fetch that may create is counted whether it found the page or made it (pcache1 counts only the
+        // pages it makes; counting more only passes more truncations on). A page made on the temporary number
+        // is counted as any other, so truncations below it pass until one drops it.
         self.max_key = self.max_key.max(key);
     }
 
