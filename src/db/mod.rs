@@ -327,14 +327,22 @@ const WRITER_CACHE: &str = "PRAGMA cache_size = -65536;";
 /// 31 ms at full size against 19 to 21 ms with 128 MiB (BENCHMARKS.md, change 33).
 const WRITER_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 32768;";
 
-/// The writer's own connection; on SQLite with a larger page cache than the readers' (64 MiB), since every
-/// write's index pages pass through it, and checkpointing left to [`checkpointer_loop`] until the WAL reaches
-/// [`WRITER_AUTOCHECKPOINT`].
-fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
+/// A new connection for writing: on SQLite with a larger page cache than the readers' ([`WRITER_CACHE`]),
+/// since every write's index pages pass through it. Used by the writer and by [`Db::write_blocking`].
+fn writing_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
     let mut conn = manager.connect()?;
     if let DbConnection::Sqlite(c) = &mut conn {
         c.batch_execute(WRITER_CACHE)
             .map_err(r2d2::Error::QueryError)?;
+    }
+    Ok(conn)
+}
+
+/// The writer's own connection: a [`writing_connection`], with checkpointing left to [`checkpointer_loop`]
+/// until the WAL reaches [`WRITER_AUTOCHECKPOINT`].
+fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
+    let mut conn = writing_connection(manager)?;
+    if let DbConnection::Sqlite(c) = &mut conn {
         c.batch_execute(WRITER_AUTOCHECKPOINT)
             .map_err(r2d2::Error::QueryError)?;
     }
@@ -584,11 +592,8 @@ impl Db {
         // closed). Its commit still checkpoints: with that left to the checkpointer, long writes one after
         // another (seeding the benchmark) let the WAL grow between them, and the flag checks after them ran at
         // two thirds of their rate.
-        let mut conn = self
-            .manager
-            .connect()
-            .map_err(|e| DbError::Unavailable(e.to_string()))?;
-        conn.batch_execute(WRITER_CACHE).map_err(DbError::Query)?;
+        let mut conn =
+            writing_connection(&self.manager).map_err(|e| DbError::Unavailable(e.to_string()))?;
         write_transaction(&mut conn, f)
     }
 

@@ -11,7 +11,7 @@
 
 use libsqlite3_sys::{sqlite3_pcache, sqlite3_pcache_methods2, sqlite3_pcache_page};
 use std::ffi::{c_int, c_uint, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// SQLite's lock-byte offset (`PENDING_BYTE`, 1 GiB unless a test build moves it).
@@ -83,8 +83,9 @@ unsafe impl Sync for Inner {}
 static INNER: OnceLock<Inner> = OnceLock::new();
 /// Whether SQLite took this layer (it refuses once it has started).
 static INSTALLED: AtomicBool = AtomicBool::new(false);
-/// Truncations not passed on, for the tests.
-static SKIPPED: AtomicU64 = AtomicU64::new(0);
+/// Truncations not passed on, counted in test builds only (the count is not needed on the commit path).
+#[cfg(test)]
+static SKIPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn inner() -> &'static sqlite3_pcache_methods2 {
     &INNER.get().expect("installed before SQLite starts").0
@@ -193,6 +194,7 @@ unsafe extern "C" fn x_truncate(p: *mut sqlite3_pcache, limit: c_uint) {
     // SAFETY: as above.
     let c = unsafe { cache(p) };
     if !c.bounds.must_truncate(limit) {
+        #[cfg(test)]
         SKIPPED.fetch_add(1, Ordering::Relaxed);
         return;
     }
