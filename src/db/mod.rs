@@ -5,6 +5,7 @@ pub mod deferred;
 pub mod models;
 mod pcache;
 pub mod schema;
+mod walbuf;
 
 use crate::config::{DatabaseKind, DatabaseSettings};
 use diesel::connection::SimpleConnection;
@@ -801,6 +802,8 @@ fn configure_sqlite() {
         if rc != libsqlite3_sys::SQLITE_OK {
             tracing::warn!(rc, "SQLite query planner stability could not be set");
         }
+        // Last: registering a VFS starts SQLite, after which the settings above could not be made.
+        walbuf::install();
     });
 }
 
