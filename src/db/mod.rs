@@ -1108,6 +1108,22 @@ batch_insert!(
     crate::audit::AuditRow
 );
 
+/// Asserts that `PRAGMA integrity_check` finds the database behind `conn` sound (test builds).
+#[cfg(test)]
+pub(crate) fn assert_sound(conn: &mut diesel::SqliteConnection) {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Check {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        integrity_check: String,
+    }
+    let found: Vec<Check> = diesel::sql_query("PRAGMA integrity_check")
+        .load(conn)
+        .unwrap();
+    let found: Vec<String> = found.into_iter().map(|c| c.integrity_check).collect();
+    assert_eq!(found, ["ok"], "the database is sound");
+}
+
 #[cfg(test)]
 mod tests {
     use diesel::prelude::*;

@@ -285,12 +285,6 @@ mod tests {
     use diesel::prelude::*;
 
     #[derive(QueryableByName)]
-    struct Check {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        integrity_check: String,
-    }
-
-    #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         n: i64,
@@ -344,10 +338,7 @@ mod tests {
         conn.batch_execute("BEGIN").unwrap();
         insert(&mut conn, 200_000, 30_000);
         conn.batch_execute("COMMIT").unwrap();
-        let check: Check = diesel::sql_query("PRAGMA integrity_check")
-            .get_result(&mut conn)
-            .unwrap();
-        assert_eq!(check.integrity_check, "ok");
+        crate::db::assert_sound(&mut conn);
         let count: Count = diesel::sql_query("SELECT count(*) AS n FROM t")
             .get_result(&mut conn)
             .unwrap();
@@ -362,10 +353,7 @@ mod tests {
         );
         // A second connection reads the file itself, not this connection's cache.
         let mut other = SqliteConnection::establish(&path.to_string_lossy()).unwrap();
-        let check: Check = diesel::sql_query("PRAGMA integrity_check")
-            .get_result(&mut other)
-            .unwrap();
-        assert_eq!(check.integrity_check, "ok");
+        crate::db::assert_sound(&mut other);
     }
 
     #[test]

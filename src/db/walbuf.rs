@@ -117,6 +117,25 @@ impl File {
     }
 }
 
+/// Writes out the gathered run, then passes the call on with the real file and its methods.
+///
+/// # Safety
+/// `f` is a file this VFS opened and has not closed.
+unsafe fn flushed(
+    f: *mut ffi::sqlite3_file,
+    then: impl FnOnce(*mut ffi::sqlite3_file, &ffi::sqlite3_io_methods) -> c_int,
+) -> c_int {
+    // SAFETY: per the contract.
+    let this = unsafe { file(f) };
+    // SAFETY: as above.
+    let rc = unsafe { this.flush() };
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    // SAFETY: as above.
+    then(this.real, unsafe { real(this) })
+}
+
 unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: SQLite closes each file it opened once.
     let this = unsafe { file(f) };
@@ -143,17 +162,11 @@ unsafe extern "C" fn x_read(
     amount: c_int,
     at: i64,
 ) -> c_int {
-    // SAFETY: an open file of ours.
-    let this = unsafe { file(f) };
-    // SAFETY: as above.
-    let rc = unsafe { this.flush() };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    // SAFETY: SQLite's arguments, passed on to the real file.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        real(this).xRead.map_or(ffi::SQLITE_IOERR_READ, |read| {
-            read(this.real, out, amount, at)
+        flushed(f, |r, m| {
+            m.xRead
+                .map_or(ffi::SQLITE_IOERR_READ, |g| g(r, out, amount, at))
         })
     }
 }
@@ -201,50 +214,30 @@ unsafe extern "C" fn x_write(
 }
 
 unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    // SAFETY: an open file of ours.
-    let this = unsafe { file(f) };
-    // SAFETY: as above.
-    let rc = unsafe { this.flush() };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    // SAFETY: passed on.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        real(this)
-            .xTruncate
-            .map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(this.real, size))
+        flushed(f, |r, m| {
+            m.xTruncate
+                .map_or(ffi::SQLITE_IOERR_TRUNCATE, |g| g(r, size))
+        })
     }
 }
 
 unsafe extern "C" fn x_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    // SAFETY: an open file of ours.
-    let this = unsafe { file(f) };
-    // SAFETY: as above.
-    let rc = unsafe { this.flush() };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    // SAFETY: passed on.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        real(this)
-            .xSync
-            .map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(this.real, flags))
+        flushed(f, |r, m| {
+            m.xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |g| g(r, flags))
+        })
     }
 }
 
 unsafe extern "C" fn x_file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    // SAFETY: an open file of ours.
-    let this = unsafe { file(f) };
-    // SAFETY: as above.
-    let rc = unsafe { this.flush() };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    // SAFETY: passed on.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        real(this)
-            .xFileSize
-            .map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(this.real, size))
+        flushed(f, |r, m| {
+            m.xFileSize.map_or(ffi::SQLITE_IOERR_FSTAT, |g| g(r, size))
+        })
     }
 }
 
@@ -283,18 +276,12 @@ unsafe extern "C" fn x_file_control(
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
-    // SAFETY: an open file of ours.
-    let this = unsafe { file(f) };
-    // SAFETY: as above.
-    let rc = unsafe { this.flush() };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    // SAFETY: passed on.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        real(this)
-            .xFileControl
-            .map_or(ffi::SQLITE_NOTFOUND, |c| c(this.real, op, arg))
+        flushed(f, |r, m| {
+            m.xFileControl
+                .map_or(ffi::SQLITE_NOTFOUND, |g| g(r, op, arg))
+        })
     }
 }
 
@@ -517,12 +504,6 @@ mod tests {
     use diesel::prelude::*;
     use std::sync::atomic::Ordering;
 
-    #[derive(QueryableByName)]
-    struct Check {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        integrity_check: String,
-    }
-
     #[derive(QueryableByName, Debug, PartialEq)]
     struct Totals {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -566,14 +547,6 @@ mod tests {
         }
     }
 
-    fn sound(conn: &mut SqliteConnection) {
-        let check: Vec<Check> = diesel::sql_query("PRAGMA integrity_check")
-            .load(conn)
-            .unwrap();
-        assert_eq!(check.len(), 1);
-        assert_eq!(check[0].integrity_check, "ok");
-    }
-
     const TABLE: &str =
         "CREATE TABLE t (id INTEGER PRIMARY KEY, k INTEGER NOT NULL, v TEXT NOT NULL); \
                          CREATE INDEX t_k ON t (k);";
@@ -604,12 +577,12 @@ mod tests {
         assert_eq!(totals(&mut conn), expected(5000));
         let mut other = open(&path, "");
         assert_eq!(totals(&mut other), expected(5000));
-        sound(&mut other);
+        crate::db::assert_sound(&mut other);
         drop(other);
         drop(conn);
         let mut again = open(&path, "");
         assert_eq!(totals(&mut again), expected(5000));
-        sound(&mut again);
+        crate::db::assert_sound(&mut again);
     }
 
     /// With `synchronous = OFF` SQLite never syncs the WAL, so nothing but the end of a commit writes the
@@ -625,7 +598,7 @@ mod tests {
             insert(&mut writer, round * 300 + 1, 300);
             assert_eq!(totals(&mut reader), expected((round + 1) * 300));
         }
-        sound(&mut reader);
+        crate::db::assert_sound(&mut reader);
     }
 
     /// A transaction larger than its page cache spills pages to the WAL and reads them back before it
@@ -645,9 +618,9 @@ mod tests {
         assert_eq!(totals(&mut conn), expected(8000));
         conn.batch_execute("ROLLBACK").unwrap();
         assert_eq!(totals(&mut conn), expected(4000));
-        sound(&mut conn);
+        crate::db::assert_sound(&mut conn);
         let mut other = open(&path, "");
         assert_eq!(totals(&mut other), expected(4000));
-        sound(&mut other);
+        crate::db::assert_sound(&mut other);
     }
 }
