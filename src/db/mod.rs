@@ -1025,6 +1025,30 @@ macro_rules! on_backend {
     };
 }
 
+/// SQLite's multi-row inserts are `INSERT OR FAIL`. With the default `ABORT`, a statement that may fail part way
+/// (a `NOT NULL` or `UNIQUE` constraint on its table) keeps a statement journal, copying each page it touches
+/// before changing it, so that it can undo its own earlier rows alone: 9.5% of a bulk file's import and about
+/// 7% of the writer. With `FAIL` the statement stops at the failing row and keeps the rows before it, and
+/// SQLite keeps no journal for it (a table with a foreign key, plans and deliveries, still has one). No caller
+/// goes on after a failed insert: each runs inside a savepoint or transaction that the failure rolls back
+/// whole (a write's savepoint, the writer's batch for its deferred rows, a bulk file's transaction), which a
+/// unit test checks. Diesel writes `INSERT`, `INSERT OR IGNORE` and `REPLACE` only; its statement is built with
+/// this operator through the constructor diesel opens to third-party backends (the
+/// `i-implement-a-third-party-backend-and-opt-into-breaking-changes` feature, outside diesel's semver
+/// promise; `Cargo.lock` pins the version).
+#[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
+pub struct InsertOrFail;
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertOrFail {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> diesel::QueryResult<()> {
+        out.push_sql("INSERT OR FAIL");
+        Ok(())
+    }
+}
+
 /// Rows per multi-row insert on PostgreSQL: the widest row has fewer than 30 columns, so a statement stays well
 /// under the server's limit of 65,535 bound values.
 const PG_ROWS_PER_INSERT: usize = 1000;
@@ -1061,7 +1085,15 @@ macro_rules! batch_insert {
                     while rest.len() >= $n {
                         let (head, tail) = rest.split_at($n);
                         let head: &[$row; $n] = head.try_into().expect("split at the chunk size");
-                        inserted += diesel::insert_into($table).values(head).execute(conn)?;
+                        // `INSERT OR FAIL` (see [`InsertOrFail`]): diesel's own statement with its operator changed.
+                        let plain = diesel::insert_into($table).values(head);
+                        inserted += diesel::query_builder::InsertStatement::new(
+                            plain.target,
+                            plain.records,
+                            InsertOrFail,
+                            plain.returning,
+                        )
+                        .execute(conn)?;
                         rest = tail;
                     }
                 };
@@ -1375,5 +1407,94 @@ mod tests {
         let all: i64 =
             crate::on_backend!(&mut conn, |c| accesses::table.count().get_result(c)).unwrap();
         assert_eq!(all, total);
+    }
+
+    /// A multi-row insert whose 70th row breaks the unique key stops there (`INSERT OR FAIL`), and the savepoint
+    /// its caller runs in takes every row of it back, while the surrounding transaction's rows stay; a
+    /// transaction that fails takes back everything.
+    #[test]
+    fn a_multi_row_insert_that_fails_part_way_leaves_nothing_once_its_savepoint_rolls_back() {
+        use super::{insert_accesses, models::AccessRow, schema::accesses, DbConnection};
+        use diesel::prelude::*;
+        use diesel_migrations::MigrationHarness;
+        super::configure_sqlite();
+        let mut conn = DbConnection::Sqlite(SqliteConnection::establish(":memory:").unwrap());
+        if let DbConnection::Sqlite(c) = &mut conn {
+            c.run_pending_migrations(super::SQLITE_MIGRATIONS).unwrap();
+        }
+        let at = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap();
+        let row = |id: String| AccessRow {
+            id,
+            nhs_number: "9434765919".into(),
+            at,
+            setting_ods: "RX1".into(),
+            setting_type: None,
+            kind: "check".into(),
+            access: "unscheduled".into(),
+            practitioner_name: None,
+            practitioner_role: None,
+            key_id: None,
+        };
+        let count = |conn: &mut DbConnection| -> i64 {
+            crate::on_backend!(conn, |c| accesses::table.count().get_result(c)).unwrap()
+        };
+        let outcome = conn.transaction(|conn| {
+            insert_accesses(conn, &[row("kept".into())])?;
+            // 128 rows: two statements of 64; the second breaks on its sixth row (the 70th).
+            let rows: Vec<AccessRow> = (0..128)
+                .map(|i| {
+                    row(if i == 69 {
+                        "kept".into()
+                    } else {
+                        format!("r{i}")
+                    })
+                })
+                .collect();
+            let failed = conn.transaction(|conn| insert_accesses(conn, &rows));
+            match failed {
+                Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::UniqueViolation,
+                    _,
+                )) => {}
+                other => panic!("the duplicate fails the insert: {other:?}"),
+            }
+            assert_eq!(
+                count(conn),
+                1,
+                "the savepoint took back all 69 rows before the failure"
+            );
+            Ok::<_, diesel::result::Error>(())
+        });
+        outcome.unwrap();
+        assert_eq!(count(&mut conn), 1);
+        // Without a savepoint of its own, the failing statement keeps the rows before the one that broke it
+        // (`FAIL`; `ABORT` would take back the second statement's five), until the transaction rolls back.
+        let rows: Vec<AccessRow> = (0..128)
+            .map(|i| {
+                row(if i == 69 {
+                    "kept".into()
+                } else {
+                    format!("s{i}")
+                })
+            })
+            .collect();
+        let rolled_back = conn.transaction(|conn| {
+            assert!(insert_accesses(conn, &rows).is_err());
+            assert_eq!(
+                count(conn),
+                1 + 69,
+                "INSERT OR FAIL stops at the failing row"
+            );
+            Err::<(), _>(diesel::result::Error::RollbackTransaction)
+        });
+        assert!(rolled_back.is_err());
+        assert_eq!(count(&mut conn), 1);
+        let kept: Vec<String> =
+            crate::on_backend!(&mut conn, |c| accesses::table.select(accesses::id).load(c))
+                .unwrap();
+        assert_eq!(kept, ["kept"]);
     }
 }
