@@ -97,11 +97,12 @@ pub fn flush(conn: &mut DbConnection) -> Result<(), Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::NaiveDate;
 
-    fn access(id: &str) -> AccessRow {
+    /// An access row with the given id (shared with the batch-insert tests).
+    pub(crate) fn access(id: &str) -> AccessRow {
         AccessRow {
             id: id.into(),
             nhs_number: "9434765919".into(),

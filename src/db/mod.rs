@@ -1352,16 +1352,22 @@ mod tests {
         assert_eq!(settings(&mut db.get().unwrap()), (-2000, 1000));
     }
 
-    #[test]
-    fn batch_inserts_write_every_row_whatever_the_count_and_keep_absent_values_null() {
-        use super::{insert_accesses, models::AccessRow, schema::accesses, DbConnection};
-        use diesel::prelude::*;
+    /// A migrated SQLite database in memory.
+    fn memory_sqlite() -> super::DbConnection {
+        use diesel::Connection;
         use diesel_migrations::MigrationHarness;
         super::configure_sqlite();
-        let mut conn = DbConnection::Sqlite(SqliteConnection::establish(":memory:").unwrap());
-        if let DbConnection::Sqlite(c) = &mut conn {
-            c.run_pending_migrations(super::SQLITE_MIGRATIONS).unwrap();
-        }
+        let mut conn = diesel::SqliteConnection::establish(":memory:").unwrap();
+        conn.run_pending_migrations(super::SQLITE_MIGRATIONS)
+            .unwrap();
+        super::DbConnection::Sqlite(conn)
+    }
+
+    #[test]
+    fn batch_inserts_write_every_row_whatever_the_count_and_keep_absent_values_null() {
+        use super::{insert_accesses, models::AccessRow, schema::accesses};
+        use diesel::prelude::*;
+        let mut conn = memory_sqlite();
         let at = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
             .unwrap()
             .and_hms_opt(0, 0, 0)
@@ -1416,28 +1422,8 @@ mod tests {
     fn a_multi_row_insert_that_fails_part_way_leaves_nothing_once_its_savepoint_rolls_back() {
         use super::{insert_accesses, models::AccessRow, schema::accesses, DbConnection};
         use diesel::prelude::*;
-        use diesel_migrations::MigrationHarness;
-        super::configure_sqlite();
-        let mut conn = DbConnection::Sqlite(SqliteConnection::establish(":memory:").unwrap());
-        if let DbConnection::Sqlite(c) = &mut conn {
-            c.run_pending_migrations(super::SQLITE_MIGRATIONS).unwrap();
-        }
-        let at = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
-            .unwrap()
-            .and_hms_opt(0, 0, 0)
-            .unwrap();
-        let row = |id: String| AccessRow {
-            id,
-            nhs_number: "9434765919".into(),
-            at,
-            setting_ods: "RX1".into(),
-            setting_type: None,
-            kind: "check".into(),
-            access: "unscheduled".into(),
-            practitioner_name: None,
-            practitioner_role: None,
-            key_id: None,
-        };
+        let mut conn = memory_sqlite();
+        let row = |id: String| super::deferred::tests::access(&id);
         let count = |conn: &mut DbConnection| -> i64 {
             crate::on_backend!(conn, |c| accesses::table.count().get_result(c)).unwrap()
         };
