@@ -1037,7 +1037,7 @@ macro_rules! on_backend {
 /// `i-implement-a-third-party-backend-and-opt-into-breaking-changes` feature, outside diesel's semver
 /// promise; `Cargo.lock` pins the version).
 #[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
-pub struct InsertOrFail;
+struct InsertOrFail;
 
 impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertOrFail {
     fn walk_ast<'b>(
@@ -1424,21 +1424,25 @@ mod tests {
         use diesel::prelude::*;
         let mut conn = memory_sqlite();
         let row = |id: String| super::deferred::tests::access(&id);
+        // 128 new rows whose 70th repeats the id "kept".
+        let breaking = |prefix: &str| -> Vec<AccessRow> {
+            (0..128)
+                .map(|i| {
+                    row(if i == 69 {
+                        "kept".into()
+                    } else {
+                        format!("{prefix}{i}")
+                    })
+                })
+                .collect()
+        };
         let count = |conn: &mut DbConnection| -> i64 {
             crate::on_backend!(conn, |c| accesses::table.count().get_result(c)).unwrap()
         };
         let outcome = conn.transaction(|conn| {
             insert_accesses(conn, &[row("kept".into())])?;
             // 128 rows: two statements of 64; the second breaks on its sixth row (the 70th).
-            let rows: Vec<AccessRow> = (0..128)
-                .map(|i| {
-                    row(if i == 69 {
-                        "kept".into()
-                    } else {
-                        format!("r{i}")
-                    })
-                })
-                .collect();
+            let rows = breaking("r");
             let failed = conn.transaction(|conn| insert_accesses(conn, &rows));
             match failed {
                 Err(diesel::result::Error::DatabaseError(
@@ -1458,15 +1462,7 @@ mod tests {
         assert_eq!(count(&mut conn), 1);
         // Without a savepoint of its own, the failing statement keeps the rows before the one that broke it
         // (`FAIL`; `ABORT` would take back the second statement's five), until the transaction rolls back.
-        let rows: Vec<AccessRow> = (0..128)
-            .map(|i| {
-                row(if i == 69 {
-                    "kept".into()
-                } else {
-                    format!("s{i}")
-                })
-            })
-            .collect();
+        let rows = breaking("s");
         let rolled_back = conn.transaction(|conn| {
             assert!(insert_accesses(conn, &rows).is_err());
             assert_eq!(

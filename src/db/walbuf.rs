@@ -117,7 +117,21 @@ impl File {
     }
 }
 
-/// Writes out the gathered run, then passes the call on with the real file and its methods.
+/// Passes a call on to the real file, with its methods.
+///
+/// # Safety
+/// `f` is a file this VFS opened and has not closed.
+unsafe fn passed<T>(
+    f: *mut ffi::sqlite3_file,
+    then: impl FnOnce(*mut ffi::sqlite3_file, &ffi::sqlite3_io_methods) -> T,
+) -> T {
+    // SAFETY: per the contract.
+    let this = unsafe { file(f) };
+    // SAFETY: as above.
+    then(this.real, unsafe { real(this) })
+}
+
+/// Writes out the gathered run, then passes the call on as [`passed`] does.
 ///
 /// # Safety
 /// `f` is a file this VFS opened and has not closed.
@@ -126,14 +140,12 @@ unsafe fn flushed(
     then: impl FnOnce(*mut ffi::sqlite3_file, &ffi::sqlite3_io_methods) -> c_int,
 ) -> c_int {
     // SAFETY: per the contract.
-    let this = unsafe { file(f) };
-    // SAFETY: as above.
-    let rc = unsafe { this.flush() };
+    let rc = unsafe { file(f).flush() };
     if rc != ffi::SQLITE_OK {
         return rc;
     }
     // SAFETY: as above.
-    then(this.real, unsafe { real(this) })
+    unsafe { passed(f, then) }
 }
 
 unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
@@ -244,30 +256,28 @@ unsafe extern "C" fn x_file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c
 unsafe extern "C" fn x_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
     // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        real(this)
-            .xLock
-            .map_or(ffi::SQLITE_IOERR_LOCK, |l| l(this.real, level))
+        passed(f, |r, m| {
+            m.xLock.map_or(ffi::SQLITE_IOERR_LOCK, |g| g(r, level))
+        })
     }
 }
 
 unsafe extern "C" fn x_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
     // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        real(this)
-            .xUnlock
-            .map_or(ffi::SQLITE_IOERR_UNLOCK, |l| l(this.real, level))
+        passed(f, |r, m| {
+            m.xUnlock.map_or(ffi::SQLITE_IOERR_UNLOCK, |g| g(r, level))
+        })
     }
 }
 
 unsafe extern "C" fn x_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
     // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        real(this)
-            .xCheckReservedLock
-            .map_or(ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, |l| l(this.real, out))
+        passed(f, |r, m| {
+            m.xCheckReservedLock
+                .map_or(ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, |g| g(r, out))
+        })
     }
 }
 
@@ -287,20 +297,12 @@ unsafe extern "C" fn x_file_control(
 
 unsafe extern "C" fn x_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: an open file of ours; passed on.
-    unsafe {
-        let this = file(f);
-        real(this).xSectorSize.map_or(4096, |s| s(this.real))
-    }
+    unsafe { passed(f, |r, m| m.xSectorSize.map_or(4096, |g| g(r))) }
 }
 
 unsafe extern "C" fn x_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: an open file of ours; passed on.
-    unsafe {
-        let this = file(f);
-        real(this)
-            .xDeviceCharacteristics
-            .map_or(0, |d| d(this.real))
-    }
+    unsafe { passed(f, |r, m| m.xDeviceCharacteristics.map_or(0, |g| g(r))) }
 }
 
 unsafe extern "C" fn x_shm_map(
@@ -310,15 +312,12 @@ unsafe extern "C" fn x_shm_map(
     extend: c_int,
     out: *mut *mut c_void,
 ) -> c_int {
-    // SAFETY: an open file of ours; passed on when the real file has shared memory.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        match real(this) {
-            m if m.iVersion >= 2 => m.xShmMap.map_or(ffi::SQLITE_IOERR_SHMMAP, |s| {
-                s(this.real, region, size, extend, out)
-            }),
+        passed(f, |r, m| match m.xShmMap {
+            Some(g) if m.iVersion >= 2 => g(r, region, size, extend, out),
             _ => ffi::SQLITE_IOERR_SHMMAP,
-        }
+        })
     }
 }
 
@@ -328,39 +327,32 @@ unsafe extern "C" fn x_shm_lock(
     n: c_int,
     flags: c_int,
 ) -> c_int {
-    // SAFETY: as above.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        match real(this) {
-            m if m.iVersion >= 2 => m.xShmLock.map_or(ffi::SQLITE_IOERR_SHMLOCK, |s| {
-                s(this.real, offset, n, flags)
-            }),
+        passed(f, |r, m| match m.xShmLock {
+            Some(g) if m.iVersion >= 2 => g(r, offset, n, flags),
             _ => ffi::SQLITE_IOERR_SHMLOCK,
-        }
+        })
     }
 }
 
 unsafe extern "C" fn x_shm_barrier(f: *mut ffi::sqlite3_file) {
-    // SAFETY: as above.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        let m = real(this);
-        if m.iVersion >= 2 {
-            if let Some(barrier) = m.xShmBarrier {
-                barrier(this.real)
-            }
-        }
+        passed(f, |r, m| match m.xShmBarrier {
+            Some(g) if m.iVersion >= 2 => g(r),
+            _ => {}
+        })
     }
 }
 
 unsafe extern "C" fn x_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
-    // SAFETY: as above.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        match real(this) {
-            m if m.iVersion >= 2 => m.xShmUnmap.map_or(ffi::SQLITE_OK, |s| s(this.real, delete)),
+        passed(f, |r, m| match m.xShmUnmap {
+            Some(g) if m.iVersion >= 2 => g(r, delete),
             _ => ffi::SQLITE_OK,
-        }
+        })
     }
 }
 
@@ -370,33 +362,25 @@ unsafe extern "C" fn x_fetch(
     amount: c_int,
     out: *mut *mut c_void,
 ) -> c_int {
-    // SAFETY: an open file of ours; a file without memory mapping answers "no mapping".
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        let rc = this.flush();
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let m = real(this);
-        match m.xFetch {
-            Some(fetch) if m.iVersion >= 3 => fetch(this.real, at, amount, out),
+        flushed(f, |r, m| match m.xFetch {
+            Some(g) if m.iVersion >= 3 => g(r, at, amount, out),
             _ => {
                 *out = std::ptr::null_mut();
                 ffi::SQLITE_OK
             }
-        }
+        })
     }
 }
 
 unsafe extern "C" fn x_unfetch(f: *mut ffi::sqlite3_file, at: i64, page: *mut c_void) -> c_int {
-    // SAFETY: as above.
+    // SAFETY: an open file of ours; passed on.
     unsafe {
-        let this = file(f);
-        let m = real(this);
-        match m.xUnfetch {
-            Some(unfetch) if m.iVersion >= 3 => unfetch(this.real, at, page),
+        passed(f, |r, m| match m.xUnfetch {
+            Some(g) if m.iVersion >= 3 => g(r, at, page),
             _ => ffi::SQLITE_OK,
-        }
+        })
     }
 }
 
