@@ -134,21 +134,22 @@ fn plan_row(p: &Person, la: &str, reference: String, now: chrono::NaiveDateTime)
         plan_type: "CPP".into(),
         start_date: p
             .birth_date
-            .max(chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap()),
+            .max(chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap())
+            .into(),
         end_date: None,
         delete_date: None,
         expected_delivery_date: None,
         given_name: Some(p.given_name.clone()),
         family_name: Some(p.family_name.clone()),
-        birth_date: Some(p.birth_date),
+        birth_date: Some(p.birth_date.into()),
         sex: Some(p.sex.to_string()),
         postcode: Some(p.postcode.clone()),
         office_phone: None,
         emergency_duty_phone: None,
         email: None,
         version: 1,
-        created_at: now,
-        updated_at: now,
+        created_at: now.into(),
+        updated_at: now.into(),
         ended_at: None,
     }
 }
@@ -208,7 +209,7 @@ fn seed(db: &Db, args: &Args) -> (String, String, String, Vec<String>) {
                     setting_ods: ED.into(),
                     attendance_id: format!("PAST-{}", done + i),
                     setting_type: "ED".into(),
-                    arrived_at: at,
+                    arrived_at: at.into(),
                     reason: None,
                     nhs_number: Some(nhs.clone()),
                     identifier_system: None,
@@ -227,8 +228,8 @@ fn seed(db: &Db, args: &Args) -> (String, String, String, Vec<String>) {
                     flagged: true,
                     rematch_attempts: 0,
                     key_id: None,
-                    created_at: at,
-                    updated_at: at,
+                    created_at: at.into(),
+                    updated_at: at.into(),
                 }
             })
             .collect();

@@ -5,6 +5,7 @@
 use crate::audit::{self, Actor, Event};
 use crate::db::models::AccessRow;
 use crate::db::schema::attendances;
+use crate::db::stamp::{Day, Stamp};
 use crate::db::DbConnection;
 use crate::domain::{Demographics, NhsNumber, PersonName, Postcode, SettingType, Sex};
 use crate::flags::{self, FlagView};
@@ -27,14 +28,14 @@ pub struct AttendanceRow {
     pub setting_ods: String,
     pub attendance_id: String,
     pub setting_type: String,
-    pub arrived_at: NaiveDateTime,
+    pub arrived_at: Stamp,
     pub reason: Option<String>,
     pub nhs_number: Option<String>,
     pub identifier_system: Option<String>,
     pub identifier_value: Option<String>,
     pub given_name: Option<String>,
     pub family_name: Option<String>,
-    pub birth_date: Option<NaiveDate>,
+    pub birth_date: Option<Day>,
     pub sex: Option<String>,
     pub postcode: Option<String>,
     pub region: Option<String>,
@@ -46,8 +47,8 @@ pub struct AttendanceRow {
     pub flagged: bool,
     pub rematch_attempts: i32,
     pub key_id: Option<String>,
-    pub created_at: NaiveDateTime,
-    pub updated_at: NaiveDateTime,
+    pub created_at: Stamp,
+    pub updated_at: Stamp,
 }
 
 impl AttendanceRow {
@@ -94,7 +95,7 @@ impl AttendanceRow {
                 .family_name
                 .as_deref()
                 .and_then(|n| PersonName::parse(n).ok()),
-            birth_date: self.birth_date,
+            birth_date: self.birth_date.map(Into::into),
             sex: self.sex.as_deref().and_then(|s| Sex::parse(s).ok()),
             postcode: self
                 .postcode
@@ -199,7 +200,7 @@ pub fn apply_resolution(
     att.match_score = Some(resolution.score);
     att.person_id = resolution.person_id.clone();
     att.resolved_nhs_number = resolution.nhs_number.clone();
-    att.updated_at = now;
+    att.updated_at = now.into();
     let view = &found.view;
     att.flagged = view.hit;
     if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
@@ -236,7 +237,7 @@ pub fn apply_resolution(
                 setting_ods: &att.setting_ods,
                 setting_name: found.setting_name.as_deref(),
                 setting_type: att.setting(),
-                occurred_at: att.arrived_at,
+                occurred_at: *att.arrived_at,
                 attendance_ref: Some(&att.id),
                 review: possible,
                 match_method: resolution.method.as_str(),
@@ -338,7 +339,7 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
                 tracing::warn!(attendance = %att.id, error = %e, "MPI still unavailable; attendance stays pending");
                 let now = state.clock.now_naive();
                 att.rematch_attempts += 1;
-                att.updated_at = now;
+                att.updated_at = now.into();
                 state
                     .db
                     .write(move |conn| Ok::<_, crate::db::DbError>(update(conn, &att)?))
@@ -405,7 +406,7 @@ mod tests {
             setting_ods: "RBT01".into(),
             attendance_id: "ATT-1".into(),
             setting_type: "ED".into(),
-            arrived_at: at,
+            arrived_at: at.into(),
             reason: None,
             nhs_number: Some("9434765919".into()),
             identifier_system: identifier.map(|_| "https://cw.example.nhs.uk/Id/mrn".into()),
@@ -424,8 +425,8 @@ mod tests {
             flagged: false,
             rematch_attempts: 0,
             key_id: None,
-            created_at: at,
-            updated_at: at,
+            created_at: at.into(),
+            updated_at: at.into(),
         }
     }
 

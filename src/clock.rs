@@ -46,8 +46,9 @@ impl Clock for FixedClock {
 }
 
 /// The wire format of timestamps: RFC 3339, UTC, microseconds.
-pub fn format_timestamp(at: NaiveDateTime) -> String {
-    at.and_utc()
+pub fn format_timestamp(at: impl Into<NaiveDateTime>) -> String {
+    at.into()
+        .and_utc()
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 

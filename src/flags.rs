@@ -53,7 +53,7 @@ pub fn view(
         .collect();
     let active: Vec<PlanRow> = plans
         .iter()
-        .filter(|p| PlanStatus::of(p.end_date, today) == PlanStatus::Active)
+        .filter(|p| p.status(today) == PlanStatus::Active)
         .cloned()
         .collect();
     let mut codes: Vec<String> = plans.iter().map(|p| p.la_ods.clone()).collect();
@@ -68,7 +68,7 @@ pub fn view(
                 .map(|p| {
                     json!({
                         "plan_type": p.plan_type,
-                        "status": PlanStatus::of(p.end_date, today).as_str(),
+                        "status": p.status(today).as_str(),
                         "start_date": p.start_date,
                         "end_date": p.end_date,
                         "expected_delivery_date": p.expected_delivery_date,

@@ -4,10 +4,11 @@
 use crate::audit::{self, Actor, Event};
 use crate::clock::format_timestamp;
 use crate::db::models::{Organisation, PlanRow};
+use crate::db::stamp::{Day, Stamp};
 use crate::db::DbConnection;
 use crate::domain::{
-    parse_date, parse_email, parse_phone, Demographics, NhsNumber, PersonName, PlanStatus,
-    PlanType, Postcode, Sex,
+    parse_date, parse_email, parse_phone, Demographics, NhsNumber, PersonName, PlanType, Postcode,
+    Sex,
 };
 use crate::error::{ApiError, Validator};
 use chrono::{NaiveDate, NaiveDateTime};
@@ -228,10 +229,10 @@ fn row_from_input(
         local_reference: input.local_reference.clone(),
         nhs_number: input.nhs_number.as_str().to_string(),
         plan_type: input.plan_type.as_str().to_string(),
-        start_date: input.start_date,
-        end_date: input.end_date,
-        delete_date: input.delete_date,
-        expected_delivery_date: input.expected_delivery_date,
+        start_date: input.start_date.into(),
+        end_date: input.end_date.map(Day),
+        delete_date: input.delete_date.map(Day),
+        expected_delivery_date: input.expected_delivery_date.map(Day),
         given_name: input
             .child
             .given_name
@@ -242,7 +243,7 @@ fn row_from_input(
             .family_name
             .as_ref()
             .map(|n| n.as_str().to_string()),
-        birth_date: input.child.birth_date,
+        birth_date: input.child.birth_date.map(Day),
         sex: input.child.sex.map(|s| s.as_str().to_string()),
         postcode: input
             .child
@@ -253,8 +254,8 @@ fn row_from_input(
         emergency_duty_phone: input.contacts.emergency_duty_phone.clone(),
         email: input.contacts.email.clone(),
         version,
-        created_at,
-        updated_at,
+        created_at: created_at.into(),
+        updated_at: updated_at.into(),
         ended_at: None,
     }
 }
@@ -269,13 +270,13 @@ fn reregistered(input: &PlanInput, la: &str, old: &PlanRow, now: NaiveDateTime) 
             la,
             old.id.clone(),
             old.version,
-            old.created_at,
-            old.updated_at,
+            *old.created_at,
+            *old.updated_at,
         )
     };
     (same != *old).then(|| PlanRow {
         version: old.version + 1,
-        updated_at: now,
+        updated_at: now.into(),
         ..same
     })
 }
@@ -445,7 +446,7 @@ pub fn to_json(row: &PlanRow, la: Option<&Organisation>, today: NaiveDate) -> Va
         "local_reference": row.local_reference,
         "nhs_number": row.nhs_number,
         "plan_type": row.plan_type,
-        "status": PlanStatus::of(row.end_date, today).as_str(),
+        "status": row.status(today).as_str(),
         "start_date": row.start_date,
         "end_date": row.end_date,
         "delete_date": row.delete_date,
@@ -504,7 +505,7 @@ pub async fn expire(state: &crate::startup::AppState) -> anyhow::Result<ExpireRe
         .db
         .write(move |conn| {
             let due: Vec<(String, String)> = plans::table
-                .filter(plans::end_date.lt(today))
+                .filter(plans::end_date.lt(Day(today)))
                 .filter(plans::ended_at.is_null())
                 .select((plans::id, plans::nhs_number))
                 .load(conn)?;
@@ -515,7 +516,7 @@ pub async fn expire(state: &crate::startup::AppState) -> anyhow::Result<ExpireRe
             };
             for (id, nhs) in &due {
                 diesel::update(plans::table.find(id))
-                    .set(plans::ended_at.eq(Some(now)))
+                    .set(plans::ended_at.eq(Some(Stamp(now))))
                     .execute(conn)?;
                 audit::append(
                     conn,

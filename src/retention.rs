@@ -8,6 +8,7 @@ use crate::audit::{self, Actor, Event};
 use crate::config::RetentionSettings;
 use crate::db::models::PlanRow;
 use crate::db::schema::{accesses, attendances, notifications, person_identifiers, persons, plans};
+use crate::db::stamp::Stamp;
 use crate::db::{DbConnection, DbError};
 use crate::domain::PlanType;
 use crate::startup::AppState;
@@ -29,7 +30,7 @@ pub struct PurgeReport {
 /// The day a plan's personal data is to go: its own delete date, or the default for its type.
 pub fn delete_date(plan: &PlanRow, r: &RetentionSettings) -> Option<NaiveDate> {
     if plan.delete_date.is_some() {
-        return plan.delete_date;
+        return plan.delete_date.map(Into::into);
     }
     match PlanType::parse(&plan.plan_type).ok()? {
         PlanType::Cpp | PlanType::Lac => plan
@@ -114,14 +115,16 @@ fn purge_in(
     }
     // Activity older than the retention period, whoever it was about.
     let activity_before = now - chrono::Duration::days(r.activity_days.into());
-    report.attendances +=
-        diesel::delete(attendances::table.filter(attendances::arrived_at.lt(activity_before)))
-            .execute(conn)?;
+    report.attendances += diesel::delete(
+        attendances::table.filter(attendances::arrived_at.lt(Stamp(activity_before))),
+    )
+    .execute(conn)?;
     report.accesses +=
-        diesel::delete(accesses::table.filter(accesses::at.lt(activity_before))).execute(conn)?;
+        diesel::delete(accesses::table.filter(accesses::at.lt(Stamp(activity_before))))
+            .execute(conn)?;
     report.notifications_cleared += diesel::update(
         notifications::table
-            .filter(notifications::occurred_at.lt(activity_before))
+            .filter(notifications::occurred_at.lt(Stamp(activity_before)))
             .filter(notifications::payload.is_not_null()),
     )
     .set((
@@ -131,7 +134,7 @@ fn purge_in(
     .execute(conn)?;
     // Persons met only through attendances or feeds, with no plan, not seen for the retention period.
     let stale: Vec<String> = persons::table
-        .filter(persons::updated_at.lt(activity_before))
+        .filter(persons::updated_at.lt(Stamp(activity_before)))
         .filter(diesel::dsl::not(diesel::dsl::exists(
             plans::table.filter(plans::nhs_number.nullable().eq(persons::nhs_number)),
         )))
@@ -216,10 +219,10 @@ mod tests {
             local_reference: "r".into(),
             nhs_number: "9434765919".into(),
             plan_type: kind.into(),
-            start_date: d("2025-01-01"),
-            end_date: end.map(d),
-            delete_date: delete.map(d),
-            expected_delivery_date: edd.map(d),
+            start_date: d("2025-01-01").into(),
+            end_date: end.map(d).map(Into::into),
+            delete_date: delete.map(d).map(Into::into),
+            expected_delivery_date: edd.map(d).map(Into::into),
             given_name: None,
             family_name: None,
             birth_date: None,
@@ -229,8 +232,8 @@ mod tests {
             emergency_duty_phone: None,
             email: None,
             version: 1,
-            created_at: t,
-            updated_at: t,
+            created_at: t.into(),
+            updated_at: t.into(),
             ended_at: None,
         }
     }

@@ -10,6 +10,7 @@ use crate::api::openapi::ProblemDoc;
 use crate::attendances::{self, AttendanceRow, PENDING};
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
+use crate::db::stamp::Day;
 use crate::domain::{OdsCode, SettingType};
 use crate::error::{ApiError, Validator};
 use crate::flags::{self, FlagView};
@@ -168,14 +169,14 @@ pub async fn create(
         setting_ods,
         attendance_id,
         setting_type: setting_type.expect("validated").as_str().to_string(),
-        arrived_at: arrived_at.expect("validated"),
+        arrived_at: arrived_at.expect("validated").into(),
         reason,
         nhs_number: patient.nhs_number.as_ref().map(|n| n.as_str().to_string()),
         identifier_system: patient.identifier.as_ref().map(|i| i.system.clone()),
         identifier_value: patient.identifier.as_ref().map(|i| i.value.clone()),
         given_name: d.given_name.as_ref().map(|n| n.as_str().to_string()),
         family_name: d.family_name.as_ref().map(|n| n.as_str().to_string()),
-        birth_date: d.birth_date,
+        birth_date: d.birth_date.map(Day),
         sex: d.sex.map(|s| s.as_str().to_string()),
         postcode: d.postcode.as_ref().map(|p| p.as_str().to_string()),
         region: patient.region.clone(),
@@ -187,8 +188,8 @@ pub async fn create(
         flagged: false,
         rematch_attempts: 0,
         key_id: Some(principal.key_id.clone()),
-        created_at: now,
-        updated_at: now,
+        created_at: now.into(),
+        updated_at: now.into(),
     };
     let settings = state.settings.clone();
     // On SQLite, unless the MPI may learn a local identifier from it, an attendance only reads and adds rows the

@@ -222,7 +222,7 @@ pub async fn perform(
                 AccessRow {
                     id: crate::db::new_id(),
                     nhs_number: nhs.clone(),
-                    at: now,
+                    at: now.into(),
                     setting_ods: setting_ods.clone(),
                     setting_type: setting_type.map(|t| t.as_str().to_string()),
                     kind: "check".into(),

@@ -40,7 +40,7 @@ pub fn create_key(
         org_ods: org.as_str().to_string(),
         roles: encode_roles(roles),
         key_hash: key.hash,
-        created_at: now,
+        created_at: now.into(),
         revoked_at: None,
     };
     ApiKeyRow::insert(conn, &row)?;

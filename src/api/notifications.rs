@@ -2,13 +2,14 @@
 //! events), reads what it was told and how each delivery went, and asks for a notification again.
 
 use super::{page_number, ApiJson};
-#[allow(unused_imports)]
 use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::clock::format_timestamp;
 use crate::db::models::Organisation;
 use crate::db::schema::{deliveries, notifications};
+#[allow(unused_imports)]
+use crate::db::stamp::Stamp;
 use crate::db::DbConnection;
 use crate::domain::{parse_email, OdsCode};
 use crate::error::{ApiError, Validator};
@@ -123,7 +124,7 @@ pub async fn put_delivery(
                     let current = old.as_ref().and_then(|o| o.webhook_secret.clone());
                     match (given, current) {
                         (Some(new), Some(cur)) if new != cur => {
-                            (Some(url), Some(new), Some(cur), Some(now + chrono::Duration::hours(ROTATION_OVERLAP_HOURS)))
+                            (Some(url), Some(new), Some(cur), Some((now + chrono::Duration::hours(ROTATION_OVERLAP_HOURS)).into()))
                         }
                         (Some(new), _) => (Some(url), Some(new), None, None),
                         (None, Some(cur)) => {
@@ -147,7 +148,7 @@ pub async fn put_delivery(
                 previous_secret_until: previous_until,
                 webhook_disabled_at: None,
                 events: events.join(","),
-                updated_at: now,
+                updated_at: now.into(),
             };
             EndpointRow::upsert(conn, &row)?;
             // Notifications recorded while the authority had no channel now get one.
@@ -257,7 +258,7 @@ pub async fn list(
                 query = query.filter(notifications::status.eq(s.clone()));
             }
             if let Some(t) = since {
-                query = query.filter(notifications::created_at.ge(t));
+                query = query.filter(notifications::created_at.ge(Stamp(t)));
             }
             let rows: Vec<NotificationRow> = query
                 .order((notifications::created_at.desc(), notifications::id.asc()))
@@ -354,11 +355,11 @@ pub async fn redeliver(
                     .set((
                         deliveries::status.eq(notify::PENDING),
                         deliveries::attempts.eq(0),
-                        deliveries::next_attempt_at.eq(now),
-                        deliveries::lease_until.eq(None::<NaiveDateTime>),
+                        deliveries::next_attempt_at.eq(Stamp(now)),
+                        deliveries::lease_until.eq(None::<Stamp>),
                         deliveries::leased_by.eq(None::<String>),
                         deliveries::last_error.eq(None::<String>),
-                        deliveries::delivered_at.eq(None::<NaiveDateTime>),
+                        deliveries::delivered_at.eq(None::<Stamp>),
                     ))
                     .execute(conn)?;
             if channels == 0 {

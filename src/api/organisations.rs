@@ -97,8 +97,8 @@ pub fn store(
         office_phone: org.office_phone,
         emergency_duty_phone: org.emergency_duty_phone,
         email: org.email,
-        created_at: now,
-        updated_at: now,
+        created_at: now.into(),
+        updated_at: now.into(),
     };
     let created = Organisation::upsert(conn, &row)?;
     audit::append(

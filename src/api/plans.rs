@@ -7,6 +7,7 @@ use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::db::models::{Organisation, PlanRow, StatusFilter, PAGE_SIZE};
+use crate::db::stamp::Day;
 use crate::db::DbConnection;
 use crate::domain::{
     parse_date, parse_email, parse_phone, NhsNumber, PersonName, PlanStatus, PlanType, Postcode,
@@ -194,20 +195,22 @@ fn apply_patch(
 ) -> Result<PlanRow, ApiError> {
     let mut v = Validator::default();
     let mut row = old.clone();
-    row.end_date = merge(&mut v, "end_date", old.end_date, patch.end_date, parse_date);
+    row.end_date = merge(&mut v, "end_date", old.end_date, patch.end_date, |s| {
+        parse_date(s).map(Day)
+    });
     row.delete_date = merge(
         &mut v,
         "delete_date",
         old.delete_date,
         patch.delete_date,
-        parse_date,
+        |s| parse_date(s).map(Day),
     );
     row.expected_delivery_date = merge(
         &mut v,
         "expected_delivery_date",
         old.expected_delivery_date,
         patch.expected_delivery_date,
-        parse_date,
+        |s| parse_date(s).map(Day),
     );
     if let Some(c) = patch.contacts {
         row.office_phone = merge(
@@ -253,7 +256,7 @@ fn apply_patch(
             "child.birth_date",
             old.birth_date,
             c.birth_date,
-            birth_date(today),
+            |s| birth_date(today)(s).map(Day),
         );
         row.sex = merge(&mut v, "child.sex", old.sex.clone(), c.sex, |s| {
             Sex::parse(s).map(|x| x.as_str().to_string())
@@ -271,16 +274,16 @@ fn apply_patch(
         check_dates(
             &mut v,
             plan_type,
-            Some(row.start_date),
-            row.end_date,
-            row.delete_date,
-            row.expected_delivery_date,
+            Some(*row.start_date),
+            row.end_date.map(Into::into),
+            row.delete_date.map(Into::into),
+            row.expected_delivery_date.map(Into::into),
         );
     }
     v.finish()?;
     if row != *old {
         row.version += 1;
-        row.updated_at = now;
+        row.updated_at = now.into();
     }
     Ok(row)
 }
@@ -307,8 +310,7 @@ pub async fn patch(
             if changed {
                 PlanRow::update(conn, &row)?;
             }
-            let ended = old.end_date != row.end_date
-                && PlanStatus::of(row.end_date, today) == PlanStatus::Ended;
+            let ended = old.end_date != row.end_date && row.status(today) == PlanStatus::Ended;
             audit::append(
                 conn,
                 now,

@@ -109,7 +109,8 @@ pub(crate) mod tests {
             at: NaiveDate::from_ymd_opt(2026, 1, 1)
                 .unwrap()
                 .and_hms_opt(0, 0, 0)
-                .unwrap(),
+                .unwrap()
+                .into(),
             setting_ods: "RX1".into(),
             setting_type: None,
             kind: "check".into(),

@@ -5,6 +5,7 @@ pub mod deferred;
 pub mod models;
 mod pcache;
 pub mod schema;
+pub mod stamp;
 mod walbuf;
 
 use crate::config::{DatabaseKind, DatabaseSettings};
@@ -1353,7 +1354,7 @@ mod tests {
     }
 
     /// A migrated SQLite database in memory.
-    fn memory_sqlite() -> super::DbConnection {
+    pub(crate) fn memory_sqlite() -> super::DbConnection {
         use diesel::Connection;
         use diesel_migrations::MigrationHarness;
         super::configure_sqlite();
@@ -1380,7 +1381,7 @@ mod tests {
                 .map(|i| AccessRow {
                     id: format!("{count}-{i}"),
                     nhs_number: "9434765919".into(),
-                    at,
+                    at: at.into(),
                     setting_ods: "RX1".into(),
                     setting_type: (i % 2 == 0).then(|| "ED".to_string()),
                     kind: "check".into(),

@@ -2,6 +2,7 @@
 //! These are storage shapes; `domain` and `api` turn them into and out of checked values.
 
 use super::schema::{accesses, api_keys, organisations, plans};
+use super::stamp::{Day, Stamp};
 use super::DbConnection;
 use chrono::{NaiveDate, NaiveDateTime};
 use diesel::prelude::*;
@@ -19,8 +20,8 @@ pub struct Organisation {
     pub office_phone: Option<String>,
     pub emergency_duty_phone: Option<String>,
     pub email: Option<String>,
-    pub created_at: NaiveDateTime,
-    pub updated_at: NaiveDateTime,
+    pub created_at: Stamp,
+    pub updated_at: Stamp,
 }
 
 /// What a request needs of its key's organisation: its name (the setting's name in notifications) and region.
@@ -81,8 +82,8 @@ pub struct ApiKeyRow {
     pub roles: String,
     /// SHA-256 of the key, hex. The key itself is never stored.
     pub key_hash: String,
-    pub created_at: NaiveDateTime,
-    pub revoked_at: Option<NaiveDateTime>,
+    pub created_at: Stamp,
+    pub revoked_at: Option<Stamp>,
 }
 
 impl ApiKeyRow {
@@ -124,7 +125,7 @@ impl ApiKeyRow {
                 .find(key_id)
                 .filter(api_keys::revoked_at.is_null()),
         )
-        .set(api_keys::revoked_at.eq(Some(at)))
+        .set(api_keys::revoked_at.eq(Some(Stamp(at))))
         .execute(conn)
         .map(|n| n == 1)
     }
@@ -145,23 +146,23 @@ pub struct PlanRow {
     pub local_reference: String,
     pub nhs_number: String,
     pub plan_type: String,
-    pub start_date: NaiveDate,
-    pub end_date: Option<NaiveDate>,
-    pub delete_date: Option<NaiveDate>,
-    pub expected_delivery_date: Option<NaiveDate>,
+    pub start_date: Day,
+    pub end_date: Option<Day>,
+    pub delete_date: Option<Day>,
+    pub expected_delivery_date: Option<Day>,
     pub given_name: Option<String>,
     pub family_name: Option<String>,
-    pub birth_date: Option<NaiveDate>,
+    pub birth_date: Option<Day>,
     pub sex: Option<String>,
     pub postcode: Option<String>,
     pub office_phone: Option<String>,
     pub emergency_duty_phone: Option<String>,
     pub email: Option<String>,
     pub version: i32,
-    pub created_at: NaiveDateTime,
-    pub updated_at: NaiveDateTime,
+    pub created_at: Stamp,
+    pub updated_at: Stamp,
     /// Set by the `expire` job once the end date has passed.
-    pub ended_at: Option<NaiveDateTime>,
+    pub ended_at: Option<Stamp>,
 }
 
 /// Which plans a search returns.
@@ -173,6 +174,11 @@ pub enum StatusFilter {
 }
 
 impl PlanRow {
+    /// Whether the plan is in force on `today`.
+    pub fn status(&self, today: NaiveDate) -> crate::domain::PlanStatus {
+        crate::domain::PlanStatus::of(self.end_date.map(Into::into), today)
+    }
+
     pub fn find(conn: &mut DbConnection, plan_id: &str) -> Result<Option<Self>, Error> {
         plans::table
             .find(plan_id)
@@ -237,9 +243,9 @@ impl PlanRow {
             match status {
                 StatusFilter::Any => q,
                 StatusFilter::Active => {
-                    q.filter(plans::end_date.is_null().or(plans::end_date.ge(today)))
+                    q.filter(plans::end_date.is_null().or(plans::end_date.ge(Day(today))))
                 }
-                StatusFilter::Ended => q.filter(plans::end_date.lt(today)),
+                StatusFilter::Ended => q.filter(plans::end_date.lt(Day(today))),
             }
         };
         let total = filtered().count().get_result(conn)?;
@@ -258,7 +264,7 @@ impl PlanRow {
 pub struct AccessRow {
     pub id: String,
     pub nhs_number: String,
-    pub at: NaiveDateTime,
+    pub at: Stamp,
     pub setting_ods: String,
     pub setting_type: Option<String>,
     /// `check` or `attendance`.
@@ -276,7 +282,7 @@ pub struct RecentAccess {
     pub id: String,
     /// `check` or `attendance`.
     pub kind: String,
-    pub at: NaiveDateTime,
+    pub at: Stamp,
     pub setting_ods: String,
     pub setting_name: Option<String>,
     pub setting_type: Option<String>,

@@ -273,7 +273,7 @@ fn organisation(plan: &PlanRow, la: Option<&Organisation>) -> Value {
 }
 
 fn active(plan: &PlanRow, today: chrono::NaiveDate) -> bool {
-    PlanStatus::of(plan.end_date, today) == PlanStatus::Active
+    plan.status(today) == PlanStatus::Active
 }
 
 /// One CareTeam per plan: the plan type as category, the plan period, the authority's name, office-hours

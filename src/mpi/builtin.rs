@@ -9,9 +9,10 @@ use super::{
     Thresholds,
 };
 use crate::db::schema::{person_identifiers, persons};
+use crate::db::stamp::{Day, Stamp};
 use crate::db::{Db, DbConnection, DbError};
 use crate::domain::Demographics;
-use chrono::{NaiveDate, NaiveDateTime};
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::result::Error;
 
@@ -29,13 +30,13 @@ pub struct PersonRow {
     pub nhs_number: Option<String>,
     pub given_name: Option<String>,
     pub family_name: Option<String>,
-    pub birth_date: Option<NaiveDate>,
+    pub birth_date: Option<Day>,
     pub sex: Option<String>,
     pub postcode: Option<String>,
     pub name_key: Option<String>,
     pub postcode_key: Option<String>,
-    pub created_at: NaiveDateTime,
-    pub updated_at: NaiveDateTime,
+    pub created_at: Stamp,
+    pub updated_at: Stamp,
 }
 
 impl PersonRow {
@@ -44,7 +45,7 @@ impl PersonRow {
             nhs_number: self.nhs_number.as_deref(),
             given_name: self.given_name.as_deref(),
             family_name: self.family_name.as_deref(),
-            birth_date: self.birth_date,
+            birth_date: self.birth_date.map(Into::into),
             sex: self.sex.as_deref(),
             postcode: self.postcode.as_deref(),
         }
@@ -57,7 +58,7 @@ impl PersonRow {
             _ => None,
         };
         self.postcode_key = match (&self.postcode, self.birth_date) {
-            (Some(p), Some(d)) => Some(matcher::postcode_key(p, d)),
+            (Some(p), Some(d)) => Some(matcher::postcode_key(p, *d)),
             _ => None,
         };
     }
@@ -251,7 +252,7 @@ fn apply_demographics(row: &mut PersonRow, d: &Demographics) -> bool {
             &mut row.family_name,
             d.family_name.as_ref().map(|f| f.as_str().to_string()),
         ),
-        take(&mut row.birth_date, d.birth_date),
+        take(&mut row.birth_date, d.birth_date.map(Day)),
         take(&mut row.sex, d.sex.map(|s| s.as_str().to_string())),
         take(
             &mut row.postcode,
@@ -273,7 +274,7 @@ fn update_demographics(
     d: &Demographics,
 ) -> Result<(), Error> {
     if apply_demographics(row, d) {
-        row.updated_at = now;
+        row.updated_at = now.into();
         diesel::update(persons::table.find(&row.id))
             .set(&*row)
             .execute(conn)?;
@@ -294,8 +295,8 @@ impl PersonRow {
             postcode: None,
             name_key: None,
             postcode_key: None,
-            created_at: now,
-            updated_at: now,
+            created_at: now.into(),
+            updated_at: now.into(),
         }
     }
 }
@@ -360,8 +361,8 @@ pub fn link_identifier(
                     person_identifiers::value.eq(&id.value),
                     person_identifiers::region.eq(region),
                     person_identifiers::person_id.eq(person_id),
-                    person_identifiers::created_at.eq(now),
-                    person_identifiers::updated_at.eq(now),
+                    person_identifiers::created_at.eq(Stamp(now)),
+                    person_identifiers::updated_at.eq(Stamp(now)),
                 ))
                 .execute(conn)?;
             Ok(Linked::Created)
@@ -372,7 +373,7 @@ pub fn link_identifier(
                 .set((
                     person_identifiers::person_id.eq(person_id),
                     person_identifiers::region.eq(region),
-                    person_identifiers::updated_at.eq(now),
+                    person_identifiers::updated_at.eq(Stamp(now)),
                 ))
                 .execute(conn)?;
             Ok(Linked::Moved)

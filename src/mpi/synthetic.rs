@@ -452,13 +452,13 @@ impl Person {
             nhs_number: Some(self.nhs_number.clone()),
             given_name: Some(self.given_name.clone()),
             family_name: Some(self.family_name.clone()),
-            birth_date: Some(self.birth_date),
+            birth_date: Some(self.birth_date.into()),
             sex: Some(self.sex.to_string()),
             postcode: Some(self.postcode.clone()),
             name_key: None,
             postcode_key: None,
-            created_at: now,
-            updated_at: now,
+            created_at: now.into(),
+            updated_at: now.into(),
         }
     }
 }

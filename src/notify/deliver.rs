@@ -11,6 +11,7 @@ use super::{
     NotificationRow, DEAD, DELIVERED, DELIVERY_EXHAUSTED, EMAIL, PENDING, WEBHOOK,
 };
 use crate::db::schema::deliveries;
+use crate::db::stamp::Stamp;
 use crate::db::{claim_deliveries, DbError};
 use crate::startup::AppState;
 use chrono::NaiveDateTime;
@@ -398,11 +399,11 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
                 .set((
                     deliveries::status.eq(DELIVERED),
                     deliveries::attempts.eq(deliveries::attempts + 1),
-                    deliveries::next_attempt_at.eq(now),
-                    deliveries::lease_until.eq(None::<NaiveDateTime>),
+                    deliveries::next_attempt_at.eq(Stamp(now)),
+                    deliveries::lease_until.eq(None::<Stamp>),
                     deliveries::leased_by.eq(None::<String>),
                     deliveries::last_error.eq(None::<String>),
-                    deliveries::delivered_at.eq(Some(now)),
+                    deliveries::delivered_at.eq(Some(Stamp(now))),
                 ))
                 .execute(c))?;
             }
@@ -419,11 +420,11 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
                     .set((
                         deliveries::status.eq(*status),
                         deliveries::attempts.eq(attempt_number),
-                        deliveries::next_attempt_at.eq(next_at),
-                        deliveries::lease_until.eq(None::<NaiveDateTime>),
+                        deliveries::next_attempt_at.eq(Stamp(*next_at)),
+                        deliveries::lease_until.eq(None::<Stamp>),
                         deliveries::leased_by.eq(None::<String>),
                         deliveries::last_error.eq(&sent.error),
-                        deliveries::delivered_at.eq(None::<NaiveDateTime>),
+                        deliveries::delivered_at.eq(None::<Stamp>),
                     ))
                     .execute(c))?;
                 }
@@ -431,7 +432,7 @@ async fn record(state: &AppState, chunk: Vec<Done>) -> anyhow::Result<Vec<Outcom
                     id: crate::db::new_id(),
                     notification_id: d.notification_id.clone(),
                     channel: d.channel.clone(),
-                    at: now,
+                    at: now.into(),
                     outcome: if sent.delivered { "delivered".into() } else { "failed".into() },
                     response_code: sent.code.map(i32::from),
                     error: sent.error.clone(),

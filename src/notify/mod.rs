@@ -11,6 +11,7 @@ use crate::clock::format_timestamp;
 use crate::config::SensitivePolicy;
 use crate::db::models::PlanRow;
 use crate::db::schema::{deliveries, delivery_attempts, delivery_endpoints, notifications};
+use crate::db::stamp::Stamp;
 use crate::db::DbConnection;
 use crate::domain::SettingType;
 use chrono::{Duration, NaiveDateTime};
@@ -48,11 +49,11 @@ pub struct NotificationRow {
     pub setting_ods: Option<String>,
     pub setting_type: Option<String>,
     pub attendance_ref: Option<String>,
-    pub occurred_at: NaiveDateTime,
+    pub occurred_at: Stamp,
     /// The event as sent (webhook body); cleared when personal data is purged.
     pub payload: Option<String>,
-    pub created_at: NaiveDateTime,
-    pub updated_at: NaiveDateTime,
+    pub created_at: Stamp,
+    pub updated_at: Stamp,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
@@ -63,11 +64,11 @@ pub struct DeliveryRow {
     pub target: String,
     pub status: String,
     pub attempts: i32,
-    pub next_attempt_at: NaiveDateTime,
-    pub lease_until: Option<NaiveDateTime>,
+    pub next_attempt_at: Stamp,
+    pub lease_until: Option<Stamp>,
     pub leased_by: Option<String>,
     pub last_error: Option<String>,
-    pub delivered_at: Option<NaiveDateTime>,
+    pub delivered_at: Option<Stamp>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
@@ -76,7 +77,7 @@ pub struct AttemptRow {
     pub id: String,
     pub notification_id: String,
     pub channel: String,
-    pub at: NaiveDateTime,
+    pub at: Stamp,
     pub outcome: String,
     pub response_code: Option<i32>,
     pub error: Option<String>,
@@ -92,11 +93,11 @@ pub struct EndpointRow {
     pub webhook_url: Option<String>,
     pub webhook_secret: Option<String>,
     pub webhook_previous_secret: Option<String>,
-    pub previous_secret_until: Option<NaiveDateTime>,
-    pub webhook_disabled_at: Option<NaiveDateTime>,
+    pub previous_secret_until: Option<Stamp>,
+    pub webhook_disabled_at: Option<Stamp>,
     /// Comma-separated event names.
     pub events: String,
-    pub updated_at: NaiveDateTime,
+    pub updated_at: Stamp,
 }
 
 impl std::fmt::Debug for EndpointRow {
@@ -164,7 +165,7 @@ impl EndpointRow {
         now: NaiveDateTime,
     ) -> Result<(), Error> {
         diesel::update(delivery_endpoints::table.find(org))
-            .set(delivery_endpoints::webhook_disabled_at.eq(Some(now)))
+            .set(delivery_endpoints::webhook_disabled_at.eq(Some(Stamp(now))))
             .execute(conn)
             .map(|_| ())
     }
@@ -221,8 +222,8 @@ impl NotificationRow {
                     .eq(ATTENDANCE_FLAGGED)
                     .or(notifications::event.eq(FLAG_ACCESSED)),
             )
-            .filter(notifications::occurred_at.ge(from))
-            .filter(notifications::occurred_at.le(to))
+            .filter(notifications::occurred_at.ge(Stamp(from)))
+            .filter(notifications::occurred_at.le(Stamp(to)))
             .select(notifications::id)
             .first(c)
             .optional())
@@ -279,7 +280,7 @@ impl DeliveryRow {
             target: target.to_string(),
             status: PENDING.into(),
             attempts: 0,
-            next_attempt_at: first_attempt,
+            next_attempt_at: first_attempt.into(),
             lease_until: None,
             leased_by: None,
             last_error: None,
@@ -345,7 +346,7 @@ pub fn refresh_statuses(
         )
         .set((
             notifications::status.eq(status),
-            notifications::updated_at.eq(now),
+            notifications::updated_at.eq(Stamp(now)),
         ))
         .execute(c))?;
     }
@@ -486,10 +487,10 @@ pub fn enqueue(
             setting_ods: Some(occ.setting_ods.to_string()),
             setting_type: occ.setting_type.map(|t| t.as_str().to_string()),
             attendance_ref: occ.attendance_ref.map(str::to_string),
-            occurred_at: occ.occurred_at,
+            occurred_at: occ.occurred_at.into(),
             payload: Some(payload.to_string()),
-            created_at: now,
-            updated_at: now,
+            created_at: now.into(),
+            updated_at: now.into(),
         };
         let endpoint = EndpointRow::find(conn, la)?;
         insert_notification(conn, row, endpoint.as_ref(), first_attempt)?;
@@ -528,10 +529,10 @@ pub fn enqueue_exhausted(
         setting_ods: None,
         setting_type: None,
         attendance_ref: None,
-        occurred_at: now,
+        occurred_at: now.into(),
         payload: Some(payload.to_string()),
-        created_at: now,
-        updated_at: now,
+        created_at: now.into(),
+        updated_at: now.into(),
     };
     diesel::insert_into(notifications::table)
         .values(&row)
@@ -661,10 +662,10 @@ mod tests {
             setting_ods: Some("RBT01".into()),
             setting_type: Some("ED".into()),
             attendance_ref: None,
-            occurred_at: at,
+            occurred_at: at.into(),
             payload: Some(payload.to_string()),
-            created_at: at,
-            updated_at: at,
+            created_at: at.into(),
+            updated_at: at.into(),
         }
     }
 
