@@ -112,7 +112,7 @@ fn flush(
     if pending.is_empty() {
         return Ok(());
     }
-    let inputs: Vec<PlanInput> = pending.iter().map(|(_, i)| i.clone()).collect();
+    let (rows, inputs): (Vec<usize>, Vec<PlanInput>) = pending.drain(..).unzip();
     let registered = plans::register_many(conn, now, actor, la, &inputs).map_err(|e| match e {
         ApiError::Internal(cause) => match cause.downcast::<crate::db::DbError>() {
             Ok(crate::db::DbError::Query(q)) => ImportError::Db(q),
@@ -121,7 +121,8 @@ fn flush(
         },
         other => ImportError::Corrupt(other.detail()),
     })?;
-    for ((row, input), (plan, outcome)) in pending.drain(..).zip(registered) {
+    result.rows.reserve(rows.len());
+    for ((row, input), (plan, outcome)) in rows.into_iter().zip(inputs).zip(registered) {
         result.accepted += 1;
         result.rows.push(RowResult {
             row,

@@ -365,29 +365,36 @@ pub fn register_many(
         .into_iter()
         .map(|r| (r.local_reference.clone(), r))
         .collect();
+    // New plans are inserted together and then moved, in order, into the places `None` keeps for them.
     let mut results = Vec::with_capacity(inputs.len());
-    let mut fresh = Vec::new();
+    let mut fresh = Vec::with_capacity(inputs.len());
     let mut moved: Vec<(String, String)> = Vec::new();
     for input in inputs {
         match existing.get(&input.local_reference) {
             None => {
-                let row = row_from_input(input, la, crate::db::new_id(), 1, now, now);
-                fresh.push(row.clone());
-                results.push((row, Registered::Created));
+                fresh.push(row_from_input(input, la, crate::db::new_id(), 1, now, now));
+                results.push(None);
             }
             Some(old) => match reregistered(input, la, old, now) {
-                None => results.push((old.clone(), Registered::Unchanged)),
+                None => results.push(Some((old.clone(), Registered::Unchanged))),
                 Some(row) => {
                     PlanRow::update(conn, &row)?;
                     if old.nhs_number != row.nhs_number {
                         moved.push((old.nhs_number.clone(), row.id.clone()));
                     }
-                    results.push((row, Registered::Updated));
+                    results.push(Some((row, Registered::Updated)));
                 }
             },
         }
     }
     crate::db::insert_plans(conn, &fresh)?;
+    let mut fresh = fresh.into_iter();
+    let results: Vec<(PlanRow, Registered)> = results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| (fresh.next().expect("one new row each"), Registered::Created))
+        })
+        .collect();
     let people: Vec<(&str, &Demographics)> = inputs
         .iter()
         .zip(&results)

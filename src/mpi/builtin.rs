@@ -405,7 +405,7 @@ pub fn upsert_persons(
         .into_iter()
         .filter_map(|p| Some((p.nhs_number.clone()?, p)))
         .collect();
-    let mut fresh: Vec<PersonRow> = Vec::new();
+    let mut fresh: Vec<PersonRow> = Vec::with_capacity(people.len());
     // A child may be on more than one row of a file: where each new person is in `fresh`.
     let mut fresh_at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (nhs, d) in people {
