@@ -18,42 +18,6 @@ use diesel::serialize::{self, IsNull, Output, ToSql};
 use diesel::sql_types::{Date, Timestamp};
 use diesel::sqlite::Sqlite;
 
-/// A `Timestamp` column's value.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    diesel::AsExpression,
-    diesel::FromSqlRow,
-    serde::Serialize,
-)]
-#[serde(transparent)]
-#[diesel(sql_type = Timestamp)]
-pub struct Stamp(pub NaiveDateTime);
-
-/// A `Date` column's value.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    diesel::AsExpression,
-    diesel::FromSqlRow,
-    serde::Serialize,
-)]
-#[serde(transparent)]
-#[diesel(sql_type = Date)]
-pub struct Day(pub NaiveDate);
-
 /// Writes `n` as exactly `width` decimal digits.
 fn push_digits(out: &mut String, n: u32, width: u32) {
     for i in (0..width).rev() {
@@ -155,9 +119,28 @@ pub fn parse_stamp(s: &str) -> Option<NaiveDateTime> {
     Some(date.and_time(time))
 }
 
-/// The conversions for one of these types: `$chrono` in and out of it, and the backends' own conversions.
+/// One of these types: `$chrono` in a newtype for column type `$sql`, converted to and from `$chrono`, and its
+/// conversions on each backend.
 macro_rules! column_value {
-    ($ty:ident, $chrono:ty, $sql:ty, $format:expr, $parse:expr) => {
+    ($(#[$doc:meta])* $ty:ident($chrono:ty): $sql:ident, $format:expr, $parse:expr) => {
+        $(#[$doc])*
+        #[derive(
+            Debug,
+            Clone,
+            Copy,
+            PartialEq,
+            Eq,
+            PartialOrd,
+            Ord,
+            Hash,
+            diesel::AsExpression,
+            diesel::FromSqlRow,
+            serde::Serialize,
+        )]
+        #[serde(transparent)]
+        #[diesel(sql_type = $sql)]
+        pub struct $ty(pub $chrono);
+
         impl From<$chrono> for $ty {
             fn from(v: $chrono) -> Self {
                 $ty(v)
@@ -239,11 +222,15 @@ macro_rules! column_value {
     };
 }
 
-column_value!(Stamp, NaiveDateTime, Timestamp, format_stamp, parse_stamp);
 column_value!(
-    Day,
-    NaiveDate,
-    Date,
+    /// A `Timestamp` column's value.
+    Stamp(NaiveDateTime): Timestamp,
+    format_stamp,
+    parse_stamp
+);
+column_value!(
+    /// A `Date` column's value.
+    Day(NaiveDate): Date,
     |d: &NaiveDate| format_day(*d),
     parse_day
 );
