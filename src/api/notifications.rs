@@ -2,13 +2,13 @@
 //! events), reads what it was told and how each delivery went, and asks for a notification again.
 
 use super::{page_number, ApiJson};
+#[allow(unused_imports)]
 use crate::api::openapi::ProblemDoc;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::clock::format_timestamp;
 use crate::db::models::Organisation;
 use crate::db::schema::{deliveries, notifications};
-#[allow(unused_imports)]
 use crate::db::stamp::Stamp;
 use crate::db::DbConnection;
 use crate::domain::{parse_email, OdsCode};
