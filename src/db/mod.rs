@@ -327,7 +327,7 @@ const WRITER_CACHE: &str = "PRAGMA cache_size = -65536;";
 /// (SQLite's default is 1,000): 128 MiB. Below that [`checkpointer_loop`] does the work off the writer. At
 /// 32 MiB the writer still checkpointed itself often enough under load that a flag check's p99 was about
 /// 31 ms at full size against 19 to 21 ms with 128 MiB (BENCHMARKS.md, change 33).
-const WRITER_AUTOCHECKPOINT: i64 = 32768;
+const WRITER_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 32768;";
 
 /// A new connection for writing: on SQLite with a larger page cache than the readers' ([`WRITER_CACHE`]),
 /// since every write's index pages pass through it. Used by the writer and by [`Db::write_blocking`].
@@ -345,10 +345,8 @@ fn writing_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
 fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
     let mut conn = writing_connection(manager)?;
     if let DbConnection::Sqlite(c) = &mut conn {
-        c.batch_execute(&format!(
-            "PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT};"
-        ))
-        .map_err(r2d2::Error::QueryError)?;
+        c.batch_execute(WRITER_AUTOCHECKPOINT)
+            .map_err(r2d2::Error::QueryError)?;
     }
     Ok(conn)
 }
@@ -363,53 +361,18 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// last [`Db`] handle is dropped.
 fn checkpointer_loop(manager: Manager, stop: std::sync::mpsc::Receiver<()>) {
     let mut conn: Option<DbConnection> = None;
-    let mut wait = CHECKPOINT_EVERY;
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
         if conn.is_none() {
             conn = manager.connect().ok();
         }
         if let Some(c) = conn.as_mut() {
-            match checkpoint_passive(c) {
-                Ok(frames) => wait = checkpoint_wait(frames),
-                Err(e) => {
-                    tracing::debug!(error = %e, "background checkpoint failed; the writer checkpoints instead");
-                    conn = None;
-                }
+            if let Err(e) = c.batch_execute("PRAGMA wal_checkpoint(PASSIVE);") {
+                tracing::debug!(error = %e, "background checkpoint failed; the writer checkpoints instead");
+                conn = None;
             }
         }
     }
-}
-
-/// How long the checkpointer waits after a pass that left `frames` frames in the WAL: [`CHECKPOINT_EVERY`], or
-/// [`CHECKPOINT_EVERY_NEAR_LIMIT`] in the last quarter before [`WRITER_AUTOCHECKPOINT`]. Only the writer's own
-/// checkpoint can copy the WAL whole, with no commit arriving behind it, which lets the WAL start over; its
-/// batches wait meanwhile. Checkpointing often just before it leaves it little to copy: under attendances at
-/// 300,000 persons the p99 fell from 69 to 46 ms on average, with the p90 9.6 to 10.6 ms and throughput 3% lower
-/// (BENCHMARKS.md, change 39).
-fn checkpoint_wait(frames: i64) -> Duration {
-    if frames >= WRITER_AUTOCHECKPOINT / 4 * 3 {
-        CHECKPOINT_EVERY_NEAR_LIMIT
-    } else {
-        CHECKPOINT_EVERY
-    }
-}
-
-const CHECKPOINT_EVERY_NEAR_LIMIT: Duration = Duration::from_millis(10);
-
-#[derive(diesel::QueryableByName)]
-struct CheckpointResult {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    log: i64,
-}
-
-/// A passive checkpoint; answers how many frames the WAL holds (since it last started over).
-fn checkpoint_passive(conn: &mut DbConnection) -> Result<i64, diesel::result::Error> {
-    let DbConnection::Sqlite(c) = conn else {
-        return Ok(0);
-    };
-    let r: CheckpointResult =
-        diesel::RunQueryDsl::get_result(diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)"), c)?;
-    Ok(r.log)
 }
 
 impl Db {
@@ -1388,49 +1351,6 @@ mod tests {
             .unwrap();
         assert_eq!(writer, (-65536, 32768));
         assert_eq!(settings(&mut db.get().unwrap()), (-2000, 1000));
-    }
-
-    #[test]
-    fn the_checkpointer_reads_the_wal_it_leaves_and_comes_back_sooner_near_the_writers_limit() {
-        use diesel::connection::SimpleConnection;
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
-        let settings = crate::config::Settings::for_database(&url).database;
-        let manager = super::Manager {
-            kind: settings.kind().unwrap(),
-            url: settings.url.clone(),
-        };
-        let mut writer = diesel::r2d2::ManageConnection::connect(&manager).unwrap();
-        writer
-            .batch_execute("PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (a TEXT);")
-            .unwrap();
-        let mut checkpointer = diesel::r2d2::ManageConnection::connect(&manager).unwrap();
-        let empty = super::checkpoint_passive(&mut checkpointer).unwrap();
-        for i in 0..40 {
-            writer
-                .batch_execute(&format!("INSERT INTO t VALUES ('{i}')"))
-                .unwrap();
-        }
-        // The first checkpoint copied the WAL whole with no reader on it, so the next commit started it over;
-        // each commit since appended at least the table's page.
-        assert!(empty > 0);
-        let frames = super::checkpoint_passive(&mut checkpointer).unwrap();
-        assert!(
-            (40..super::WRITER_AUTOCHECKPOINT).contains(&frames),
-            "{frames} frames"
-        );
-        assert_eq!(
-            super::checkpoint_passive(&mut checkpointer).unwrap(),
-            frames
-        );
-        let near = super::WRITER_AUTOCHECKPOINT / 4 * 3;
-        assert_eq!(super::checkpoint_wait(frames), super::CHECKPOINT_EVERY);
-        assert_eq!(super::checkpoint_wait(near - 1), super::CHECKPOINT_EVERY);
-        assert_eq!(
-            super::checkpoint_wait(near),
-            super::CHECKPOINT_EVERY_NEAR_LIMIT
-        );
-        assert!(super::CHECKPOINT_EVERY_NEAR_LIMIT < super::CHECKPOINT_EVERY);
     }
 
     /// A migrated SQLite database in memory.
