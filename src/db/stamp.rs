@@ -18,54 +18,30 @@ use diesel::serialize::{self, IsNull, Output, ToSql};
 use diesel::sql_types::{Date, Timestamp};
 use diesel::sqlite::Sqlite;
 
-/// Writes `n` as exactly `width` decimal digits.
-fn push_digits(out: &mut String, n: u32, width: u32) {
-    for i in (0..width).rev() {
-        out.push(char::from(b'0' + (n / 10u32.pow(i) % 10) as u8));
-    }
-}
-
-fn push_date(out: &mut String, d: NaiveDate) {
-    push_digits(out, d.year() as u32, 4);
-    out.push('-');
-    push_digits(out, d.month(), 2);
-    out.push('-');
-    push_digits(out, d.day(), 2);
-}
-
 /// `d` as diesel writes it on SQLite (`%F`), for years 0 to 9999; `None` otherwise.
 pub fn format_day(d: NaiveDate) -> Option<String> {
-    if !(0..=9999).contains(&d.year()) {
-        return None;
-    }
-    let mut out = String::with_capacity(10);
-    push_date(&mut out, d);
-    Some(out)
+    (0..=9999)
+        .contains(&d.year())
+        .then(|| format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()))
 }
 
 /// `t` as diesel writes it on SQLite (`%F %T%.f`: no fraction when it is zero, else 3, 6 or 9 digits, the
 /// fewest that hold it), for years 0 to 9999 outside a leap second; `None` otherwise.
 pub fn format_stamp(t: &NaiveDateTime) -> Option<String> {
+    use std::fmt::Write;
     let nanos = t.nanosecond();
-    if !(0..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
+    if nanos >= 1_000_000_000 {
         return None;
     }
-    let mut out = String::with_capacity(29);
-    push_date(&mut out, t.date());
-    out.push(' ');
-    push_digits(&mut out, t.hour(), 2);
-    out.push(':');
-    push_digits(&mut out, t.minute(), 2);
-    out.push(':');
-    push_digits(&mut out, t.second(), 2);
-    if nanos != 0 {
-        out.push('.');
-        match nanos {
-            n if n % 1_000_000 == 0 => push_digits(&mut out, n / 1_000_000, 3),
-            n if n % 1_000 == 0 => push_digits(&mut out, n / 1_000, 6),
-            n => push_digits(&mut out, n, 9),
-        }
-    }
+    let mut out = format_day(t.date())?;
+    let (h, m, s) = (t.hour(), t.minute(), t.second());
+    let written = match nanos {
+        0 => write!(out, " {h:02}:{m:02}:{s:02}"),
+        n if n % 1_000_000 == 0 => write!(out, " {h:02}:{m:02}:{s:02}.{:03}", n / 1_000_000),
+        n if n % 1_000 == 0 => write!(out, " {h:02}:{m:02}:{s:02}.{:06}", n / 1_000),
+        n => write!(out, " {h:02}:{m:02}:{s:02}.{n:09}"),
+    };
+    written.ok()?;
     Some(out)
 }
 
