@@ -157,7 +157,11 @@ impl ResponseError for ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
-            DbError::Pool(_) => {
+            DbError::Query(e) if !crate::db::is_unreachable(&e) => {
+                ApiError::Internal(DbError::Query(e).into())
+            }
+            DbError::Pool(_) | DbError::Unavailable(_) | DbError::Query(_) => {
+                tracing::warn!(error = %e, "the database could not be reached");
                 ApiError::Unavailable("the database is not reachable; try again shortly".into())
             }
             other => ApiError::Internal(other.into()),
@@ -167,7 +171,7 @@ impl From<DbError> for ApiError {
 
 impl From<diesel::result::Error> for ApiError {
     fn from(e: diesel::result::Error) -> Self {
-        ApiError::Internal(DbError::Query(e).into())
+        ApiError::from(DbError::Query(e))
     }
 }
 

@@ -47,19 +47,23 @@ pub fn view(
     let Some(nhs) = resolution.nhs_number.clone() else {
         return Ok(FlagView::default());
     };
-    let plans: Vec<PlanRow> = PlanRow::for_nhs_number(conn, &nhs)?
-        .into_iter()
-        .filter(|p| applies(p, setting))
-        .collect();
+    let mut plans = Vec::new();
+    let mut orgs: Vec<Organisation> = Vec::new();
+    for (plan, org) in PlanRow::for_nhs_number(conn, &nhs)? {
+        if !applies(&plan, setting) {
+            continue;
+        }
+        if let Some(org) = org.filter(|o| !orgs.iter().any(|k| k.ods_code == o.ods_code)) {
+            orgs.push(org);
+        }
+        plans.push(plan);
+    }
+    orgs.sort_by(|a, b| a.ods_code.cmp(&b.ods_code));
     let active: Vec<PlanRow> = plans
         .iter()
         .filter(|p| p.status(today) == PlanStatus::Active)
         .cloned()
         .collect();
-    let mut codes: Vec<String> = plans.iter().map(|p| p.la_ods.clone()).collect();
-    codes.sort();
-    codes.dedup();
-    let orgs = Organisation::find_many(conn, &codes)?;
     let org = |p: &PlanRow| orgs.iter().find(|o| o.ods_code == p.la_ods);
     match resolution.status {
         MatchStatus::Matched => {

@@ -7,13 +7,19 @@
 //!
 //! Inside a batch, whatever looks these rows up again reads the buffer as well as the table (the visit window
 //! of [`crate::notify`], an attendance's notifications, a repeated attendance).
+//!
+//! The batch also keeps the delivery endpoints its writes have read ([`crate::notify::EndpointRow::find`]): every
+//! flag check that hits and every flagged attendance reads its authority's, and on PostgreSQL each read is a
+//! round trip the writer waits for. A write to an endpoint forgets it, and a failed write forgets them all.
 
 use super::DbConnection;
 use crate::attendances::AttendanceRow;
 use crate::db::models::AccessRow;
+use crate::notify::EndpointRow;
 use crate::notify::{DeliveryRow, NotificationRow};
 use diesel::result::Error;
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct Deferred {
@@ -21,6 +27,8 @@ pub struct Deferred {
     pub attendances: Vec<AttendanceRow>,
     pub notifications: Vec<NotificationRow>,
     pub deliveries: Vec<DeliveryRow>,
+    /// Delivery endpoints read in this batch, by organisation (`None`: it has none).
+    pub endpoints: HashMap<String, Option<EndpointRow>>,
 }
 
 thread_local! {
@@ -54,7 +62,8 @@ pub fn mark() -> Mark {
     })
 }
 
-/// Drops the rows buffered since `mark` (the write that made them failed).
+/// Drops the rows buffered since `mark` (the write that made them failed), and the endpoints read, which that
+/// write may have changed before its savepoint was rolled back.
 pub fn truncate(mark: Mark) {
     DEFERRED.with(|d| {
         if let Some(d) = d.borrow_mut().as_mut() {
@@ -62,6 +71,7 @@ pub fn truncate(mark: Mark) {
             d.attendances.truncate(mark.1);
             d.notifications.truncate(mark.2);
             d.deliveries.truncate(mark.3);
+            d.endpoints.clear();
         }
     });
 }

@@ -17,8 +17,9 @@ use diesel::Connection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use secrecy::ExposeSecret;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgresql");
@@ -55,6 +56,8 @@ impl From<diesel::result::Error> for DbError {
 pub struct Manager {
     kind: DatabaseKind,
     url: secrecy::SecretString,
+    /// When any of its PostgreSQL connections last found its link lost ([`LinkWatch`]).
+    link_lost_at: Arc<AtomicU64>,
 }
 
 impl ManageConnection for Manager {
@@ -65,9 +68,14 @@ impl ManageConnection for Manager {
         match &self.kind {
             DatabaseKind::Postgres => {
                 prepare_libpq();
-                PgConnection::establish(&libpq_url(self.url.expose_secret()))
-                    .map(DbConnection::Postgres)
-                    .map_err(r2d2::Error::ConnectionError)
+                let mut conn = PgConnection::establish(&libpq_url(self.url.expose_secret()))
+                    .map_err(r2d2::Error::ConnectionError)?;
+                conn.set_instrumentation(LinkWatch {
+                    last_used: since_start(),
+                    lost: false,
+                    link_lost_at: self.link_lost_at.clone(),
+                });
+                Ok(DbConnection::Postgres(conn))
             }
             DatabaseKind::Sqlite { path } => {
                 let mut conn = SqliteConnection::establish(&path.to_string_lossy())
@@ -90,15 +98,111 @@ impl ManageConnection for Manager {
     }
 
     /// A connection left inside a transaction (a panic in the middle of one) must never be reused: its next
-    /// "transaction" would only be a savepoint that never commits.
+    /// "transaction" would only be a savepoint that never commits. Nor must a PostgreSQL connection whose link
+    /// was lost ([`LinkWatch`]).
     fn has_broken(&self, conn: &mut DbConnection) -> bool {
         use diesel::connection::{TransactionManager, TransactionManagerStatus};
         type Manager = <DbConnection as Connection>::TransactionManager;
-        match Manager::transaction_manager_status_mut(conn) {
+        let in_transaction = match Manager::transaction_manager_status_mut(conn) {
             TransactionManagerStatus::Valid(v) => v.transaction_depth().is_some(),
             TransactionManagerStatus::InError => true,
+        };
+        in_transaction || link_watch(conn).is_some_and(|w| w.lost)
+    }
+}
+
+/// How long a pooled PostgreSQL connection may sit unused before it is asked `SELECT 1` on its way out of the
+/// pool. r2d2 asks on every checkout by default: a round trip before each request's queries, a third of a miss's
+/// statements. A connection in use under load is not asked; one idle longer (PostgreSQL restarted meanwhile, a
+/// firewall dropped the link) is, and is replaced if it does not answer.
+const PING_IF_IDLE: Duration = Duration::from_secs(1);
+
+/// What a PostgreSQL connection knows of its own link: when a statement last finished on it, and whether one
+/// failed because the link was gone (diesel reports `ClosedConnection` once libpq sees the connection bad). A
+/// loss is also told to the other connections of its [`Manager`]: PostgreSQL restarting ends them all, so each
+/// used before it is asked `SELECT 1` before its next use.
+struct LinkWatch {
+    /// [`since_start`] when a statement last finished.
+    last_used: u64,
+    lost: bool,
+    link_lost_at: Arc<AtomicU64>,
+}
+
+/// Nanoseconds since this process first asked: a clock that connections can share through an atomic.
+fn since_start() -> u64 {
+    static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    START.elapsed().as_nanos() as u64
+}
+
+impl LinkWatch {
+    /// Whether it must be asked `SELECT 1` before use: idle past [`PING_IF_IDLE`], or used last before another
+    /// connection found the link lost.
+    fn needs_ping(&self) -> bool {
+        since_start().saturating_sub(self.last_used) >= PING_IF_IDLE.as_nanos() as u64
+            || self.link_lost_at.load(Ordering::Relaxed) >= self.last_used
+    }
+}
+
+impl diesel::connection::Instrumentation for LinkWatch {
+    fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
+        if let diesel::connection::InstrumentationEvent::FinishQuery { error, .. } = event {
+            self.last_used = since_start();
+            if error.is_some_and(is_unreachable) {
+                self.lost = true;
+                self.link_lost_at
+                    .fetch_max(self.last_used, Ordering::Relaxed);
+            }
         }
     }
+}
+
+fn link_watch(conn: &mut DbConnection) -> Option<&mut LinkWatch> {
+    match conn {
+        DbConnection::Postgres(c) => c.instrumentation().downcast_mut::<LinkWatch>(),
+        DbConnection::Sqlite(_) => None,
+    }
+}
+
+/// Whether a connection may be used: a PostgreSQL connection idle past [`PING_IF_IDLE`] must answer `SELECT 1`
+/// first. One that does not is marked lost, so that the pool (or the writer) drops it.
+fn still_linked(conn: &mut DbConnection) -> bool {
+    match link_watch(conn) {
+        None => return true,
+        Some(w) if w.lost => return false,
+        Some(w) if !w.needs_ping() => return true,
+        Some(_) => {}
+    }
+    if conn.batch_execute("SELECT 1").is_ok() {
+        return true;
+    }
+    if let Some(w) = link_watch(conn) {
+        w.lost = true;
+    }
+    false
+}
+
+/// A pooled connection that still reaches the database ([`still_linked`]); each one that does not is dropped
+/// on the way, so after PostgreSQL restarts the pool fills again with new connections.
+fn checkout(pool: &r2d2::Pool<Manager>) -> Result<r2d2::PooledConnection<Manager>, DbError> {
+    for _ in 0..pool.max_size() {
+        let mut conn = pool.get()?;
+        if still_linked(&mut conn) {
+            return Ok(conn);
+        }
+    }
+    Ok(pool.get()?)
+}
+
+/// Whether a query's failure means the database could not be reached, rather than that the query was wrong.
+pub fn is_unreachable(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    matches!(
+        e,
+        Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _
+        )
+    )
 }
 
 /// The database handle the rest of cpis uses: cheap to clone.
@@ -203,6 +307,9 @@ where
         Box::new(move |commit_error| {
             let result = match commit_error {
                 None => result,
+                Some(e) if is_unreachable(e) => Err(E::from(DbError::Unavailable(format!(
+                    "the batch could not be committed: {e}"
+                )))),
                 Some(e) => Err(E::from(DbError::Migration(format!(
                     "the batch commit failed: {e}"
                 )))),
@@ -271,6 +378,7 @@ fn writer_loop(
         }
         let conn = match own
             .take()
+            .and_then(|mut c| still_linked(&mut c).then_some(c))
             .map(Ok)
             .unwrap_or_else(|| writer_connection(&manager))
         {
@@ -292,7 +400,7 @@ fn writer_loop(
         // callers get an error, the connection is closed, and the writer carries on with a new one.
         let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             write_transaction(conn, |c| {
-                for job in batch {
+                for job in batch.drain(..) {
                     completions.push(job.run(c));
                 }
                 deferred::flush(c)?;
@@ -310,6 +418,14 @@ fn writer_loop(
                 }
                 for complete in completions {
                     complete(error.as_ref());
+                }
+                // Writes the transaction never reached (it could not begin: the connection was lost) fail
+                // with its error rather than being dropped unanswered.
+                for job in batch.drain(..) {
+                    job.fail(match &error {
+                        Some(e) if is_unreachable(e) => DbError::Unavailable(e.to_string()),
+                        _ => DbError::Migration("the batch's transaction could not begin".into()),
+                    });
                 }
             }
             Err(_) => {
@@ -388,9 +504,12 @@ impl Db {
         let manager = Manager {
             kind: kind.clone(),
             url: settings.url.clone(),
+            link_lost_at: Arc::new(AtomicU64::new(0)),
         };
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size)
+            // Only connections idle for a while are asked first ([`PING_IF_IDLE`], `Db::checkout`).
+            .test_on_check_out(false)
             .connection_timeout(Duration::from_secs(settings.connect_timeout_secs))
             .build(manager.clone())
             .map_err(|e| DbError::Migration(format!("cannot open the database: {e}")))?;
@@ -456,7 +575,7 @@ impl Db {
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             span.in_scope(|| {
-                let mut conn = pool.get().map_err(DbError::from)?;
+                let mut conn = checkout(&pool)?;
                 f(&mut conn)
             })
         })
@@ -579,7 +698,7 @@ impl Db {
         E: From<DbError> + From<diesel::result::Error>,
     {
         if !self.is_sqlite() {
-            let mut conn = self.pool.get().map_err(DbError::from)?;
+            let mut conn = checkout(&self.pool)?;
             return write_transaction(&mut conn, f);
         }
         let _guard = self
@@ -600,7 +719,7 @@ impl Db {
     }
 
     pub fn get(&self) -> Result<r2d2::PooledConnection<Manager>, DbError> {
-        Ok(self.pool.get()?)
+        checkout(&self.pool)
     }
 
     /// Applies any migration not yet run; returns how many ran.
@@ -1158,7 +1277,7 @@ pub(crate) fn assert_sound(conn: &mut diesel::SqliteConnection) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use diesel::prelude::*;
     use libsqlite3_sys as ffi;
 

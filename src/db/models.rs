@@ -214,12 +214,17 @@ impl PlanRow {
             .map(|_| ())
     }
 
-    /// Every plan held against an NHS number, oldest first.
-    pub fn for_nhs_number(conn: &mut DbConnection, nhs: &str) -> Result<Vec<Self>, Error> {
+    /// Every plan held against an NHS number, oldest first, each with its responsible authority, in one query
+    /// (on PostgreSQL, one round trip rather than one more per authority).
+    pub fn for_nhs_number(
+        conn: &mut DbConnection,
+        nhs: &str,
+    ) -> Result<Vec<(Self, Option<Organisation>)>, Error> {
         crate::on_backend!(conn, |c| plans::table
+            .left_join(organisations::table.on(organisations::ods_code.eq(plans::la_ods)))
             .filter(plans::nhs_number.eq(nhs))
             .order((plans::start_date.asc(), plans::id.asc()))
-            .select(Self::as_select())
+            .select((Self::as_select(), Option::<Organisation>::as_select()))
             .load(c))
     }
 

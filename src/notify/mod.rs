@@ -12,7 +12,7 @@ use crate::config::SensitivePolicy;
 use crate::db::models::PlanRow;
 use crate::db::schema::{deliveries, delivery_attempts, delivery_endpoints, notifications};
 use crate::db::stamp::Stamp;
-use crate::db::DbConnection;
+use crate::db::{deferred, DbConnection};
 use crate::domain::SettingType;
 use chrono::{Duration, NaiveDateTime};
 use diesel::prelude::*;
@@ -110,12 +110,24 @@ impl std::fmt::Debug for EndpointRow {
 }
 
 impl EndpointRow {
+    /// Inside a group-commit batch, an endpoint the batch has read already comes from the batch's memory
+    /// ([`crate::db::deferred`]); writes to it below make the batch forget it.
     pub fn find(conn: &mut DbConnection, org: &str) -> Result<Option<Self>, Error> {
-        crate::on_backend!(conn, |c| delivery_endpoints::table
+        if let Some(Some(known)) = deferred::with(|d| d.endpoints.get(org).cloned()) {
+            return Ok(known);
+        }
+        let found = crate::on_backend!(conn, |c| delivery_endpoints::table
             .find(org)
             .select(Self::as_select())
             .first(c)
-            .optional())
+            .optional())?;
+        deferred::with(|d| d.endpoints.insert(org.to_string(), found.clone()));
+        Ok(found)
+    }
+
+    /// The batch, if one is running, reads `org`'s endpoint afresh after a write to it.
+    fn forget(org: &str) {
+        deferred::with(|d| d.endpoints.remove(org));
     }
 
     pub fn find_many(conn: &mut DbConnection, orgs: &[&str]) -> Result<Vec<Self>, Error> {
@@ -147,7 +159,9 @@ impl EndpointRow {
     }
 
     pub fn upsert(conn: &mut DbConnection, row: &EndpointRow) -> Result<(), Error> {
-        if Self::find(conn, &row.org_ods)?.is_some() {
+        let existed = Self::find(conn, &row.org_ods)?.is_some();
+        Self::forget(&row.org_ods);
+        if existed {
             diesel::update(delivery_endpoints::table.find(&row.org_ods))
                 .set(row)
                 .execute(conn)?;
@@ -164,6 +178,7 @@ impl EndpointRow {
         org: &str,
         now: NaiveDateTime,
     ) -> Result<(), Error> {
+        Self::forget(org);
         diesel::update(delivery_endpoints::table.find(org))
             .set(delivery_endpoints::webhook_disabled_at.eq(Some(Stamp(now))))
             .execute(conn)
@@ -638,6 +653,73 @@ pub fn compose_email(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoint(org: &str, url: &str) -> EndpointRow {
+        EndpointRow {
+            org_ods: org.into(),
+            emails: "mash@example.org".into(),
+            webhook_url: Some(url.into()),
+            webhook_secret: Some("secret".into()),
+            webhook_previous_secret: None,
+            previous_secret_until: None,
+            webhook_disabled_at: None,
+            events: FLAG_ACCESSED.into(),
+            updated_at: chrono::NaiveDateTime::default().into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_reads_an_endpoint_once_and_sees_its_own_writes_but_not_a_failed_writes() {
+        use diesel::Connection;
+        let mut conn = crate::db::tests::memory_sqlite();
+        let url = |conn: &mut DbConnection| {
+            EndpointRow::find(conn, "E08000025")
+                .unwrap()
+                .and_then(|e| e.webhook_disabled_at.is_none().then_some(e.webhook_url)?)
+        };
+        let la = crate::db::models::Organisation {
+            ods_code: "E08000025".into(),
+            name: "Birmingham City Council".into(),
+            kind: "local_authority".into(),
+            region: None,
+            office_phone: None,
+            emergency_duty_phone: None,
+            email: None,
+            created_at: chrono::NaiveDateTime::default().into(),
+            updated_at: chrono::NaiveDateTime::default().into(),
+        };
+        crate::db::models::Organisation::upsert(&mut conn, &la).unwrap();
+        EndpointRow::upsert(&mut conn, &endpoint("E08000025", "https://a.example")).unwrap();
+        deferred::begin();
+        assert_eq!(url(&mut conn).as_deref(), Some("https://a.example"));
+        // Changed behind the batch's back (no writer does this): the batch answers from what it read.
+        diesel::update(delivery_endpoints::table)
+            .set(delivery_endpoints::webhook_url.eq("https://behind.example"))
+            .execute(&mut conn)
+            .unwrap();
+        assert_eq!(url(&mut conn).as_deref(), Some("https://a.example"));
+        // A write in the batch is seen by the writes after it.
+        EndpointRow::upsert(&mut conn, &endpoint("E08000025", "https://b.example")).unwrap();
+        assert_eq!(url(&mut conn).as_deref(), Some("https://b.example"));
+        EndpointRow::disable_webhook(&mut conn, "E08000025", chrono::NaiveDateTime::default())
+            .unwrap();
+        assert_eq!(url(&mut conn), None);
+        // A write that fails is rolled back to its savepoint, and the batch forgets what it had read.
+        let mark = deferred::mark();
+        let failed = conn.transaction(|c| {
+            EndpointRow::upsert(c, &endpoint("E08000025", "https://c.example"))?;
+            assert_eq!(url(c).as_deref(), Some("https://c.example"));
+            Err::<(), _>(Error::RollbackTransaction)
+        });
+        assert!(failed.is_err());
+        deferred::truncate(mark);
+        assert_eq!(
+            url(&mut conn),
+            None,
+            "the disabled webhook, as committed before the failed write"
+        );
+        deferred::abandon();
+    }
 
     #[test]
     fn a_notification_is_dead_if_any_channel_is_and_delivered_only_when_all_are() {

@@ -117,3 +117,37 @@ async fn metrics_change_as_requests_are_made() {
         assert!(!after.contains("9434765919"));
     }
 }
+
+/// PostgreSQL restarted (every session of cpis's ended): checks are answered again without a restart of cpis.
+/// The first query on a dead connection fails, and that one request is answered 503, not 500; it tells the
+/// other connections, which are asked `SELECT 1` before their next use and replaced. Connections idle for a
+/// second are asked anyway, so after a quiet second nothing fails at all.
+#[tokio::test]
+async fn when_postgresql_ends_every_session_one_check_is_refused_with_503_and_the_next_succeeds() {
+    for backend in backends().into_iter().filter(|b| *b == Backend::Postgres) {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        app.post("/v1/plans", &w.la, cpp_plan("BCC-1", "9434765919"))
+            .await;
+        let check = serde_json::json!({"patient": {"nhs_number": "9434765919"}});
+        let hit = app.post("/v1/flag-checks", &w.care, check.clone()).await;
+        assert_eq!(hit.status, 200, "{hit:?}");
+
+        // At once: the pool's and the writer's connections were all in use moments ago.
+        assert!(app.db.terminate_sessions() >= 2);
+        let refused = app.post("/v1/flag-checks", &w.care, check.clone()).await;
+        assert_eq!(refused.problem(503)["type"], "/problems/unavailable");
+        let again = app.post("/v1/flag-checks", &w.care, check.clone()).await;
+        assert_eq!(again.status, 200, "{again:?}");
+        assert_eq!(again.body["flags"][0]["status"], "active");
+
+        // After a second's rest every connection is asked first, and the first check succeeds.
+        assert!(app.db.terminate_sessions() >= 2);
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+        let res = app.post("/v1/flag-checks", &w.care, check.clone()).await;
+        assert_eq!(res.status, 200, "{res:?}");
+        assert_eq!(res.body["flags"][0]["status"], "active");
+        let ready = app.get("/health/ready", &app.admin_key).await;
+        assert_eq!(ready.status, 200, "{ready:?}");
+    }
+}

@@ -100,6 +100,24 @@ impl TestDb {
         s
     }
 
+    /// Ends every PostgreSQL session on this test's database, as a restart of the server would; answers how many.
+    pub fn terminate_sessions(&self) -> usize {
+        #[derive(diesel::QueryableByName)]
+        struct Ended {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        use diesel::RunQueryDsl;
+        let (base, name) = self.pg.as_ref().expect("a PostgreSQL test database");
+        let mut admin = admin_connection(base).expect("connect to CPIS_TEST_POSTGRES_URL");
+        let ended: Ended = diesel::sql_query(format!(
+            "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .get_result(&mut admin)
+        .expect("terminate sessions");
+        ended.n as usize
+    }
+
     pub fn db(&self) -> Db {
         let db = Db::connect(&self.settings().database).expect("open test database");
         db.migrate().expect("migrate test database");
