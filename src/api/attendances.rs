@@ -194,12 +194,13 @@ pub async fn create(
     let settings = state.settings.clone();
     // On SQLite, unless the MPI may learn a local identifier from it, an attendance only reads and adds rows the
     // writer holds until its batch commits (its own row among them), so it needs no savepoint of its own.
-    let savepoint = attendances::needs_savepoint(&att, state.db.is_sqlite());
+    let savepoint = attendances::needs_savepoint(&att);
     let stored = state
         .db
         .write_with(savepoint, move |conn| {
             // Two copies of one attendance racing: the second finds the first here, committed or earlier in the
-            // same batch (or hits the unique index).
+            // same batch (or, from another instance, skips its insert below).
+            let mark = crate::db::JobMark::now();
             if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
                 return Ok::<_, ApiError>(Err(existing));
             }
@@ -223,7 +224,16 @@ pub async fn create(
                 detail: Some(json!({"setting_ods": att.setting_ods, "setting_type": att.setting_type, "method": att.match_method}).to_string()),
             })?;
             let json = answer(&att, resolution.as_ref(), &view, &notified);
-            attendances::insert(conn, att)?;
+            let (s, a) = (att.setting_ods.clone(), att.attendance_id.clone());
+            if !attendances::insert(conn, att)? {
+                // Another instance stored it a moment ago: this write's audit event and rows go, and the caller
+                // is answered as any repeat is.
+                mark.discard();
+                return match AttendanceRow::find_by_source(conn, &s, &a)? {
+                    Some(existing) => Ok(Err(existing)),
+                    None => Err(ApiError::Conflict("this attendance was being recorded by another request; send it again".into())),
+                };
+            }
             Ok(Ok((json, !notified.is_empty())))
         })
         .await?;

@@ -292,7 +292,7 @@ where
         } = *self;
         // A nested transaction is a savepoint: this job's failure undoes only this job, its buffered audit events
         // and rows ([`deferred`]) included.
-        let (mark, rows) = (crate::audit::batch_mark(), deferred::mark());
+        let mark = JobMark::now();
         let result = span.in_scope(|| {
             if savepoint {
                 conn.transaction(f)
@@ -301,8 +301,7 @@ where
             }
         });
         if result.is_err() {
-            crate::audit::batch_truncate(mark);
-            deferred::truncate(rows);
+            mark.discard();
         }
         Box::new(move |commit_error| {
             let result = match commit_error {
@@ -320,6 +319,28 @@ where
 
     fn fail(self: Box<Self>, why: DbError) {
         let _ = self.reply.send(Err(E::from(why)));
+    }
+}
+
+/// How far the writer's batch had buffered audit events and rows ([`deferred`]) when a write began. A write that
+/// fails has what it added dropped; so does one that gives up part way without failing (an attendance another
+/// instance recorded at the same moment, `api::attendances`).
+pub struct JobMark {
+    audit: usize,
+    rows: deferred::Mark,
+}
+
+impl JobMark {
+    pub fn now() -> Self {
+        Self {
+            audit: crate::audit::batch_mark(),
+            rows: deferred::mark(),
+        }
+    }
+
+    pub fn discard(self) {
+        crate::audit::batch_truncate(self.audit);
+        deferred::truncate(self.rows);
     }
 }
 

@@ -200,6 +200,47 @@ async fn the_same_attendance_posted_twice_is_stored_once() {
     }
 }
 
+/// Two cpis instances on one PostgreSQL database, each sent the same attendances at the same moment (a care
+/// system retrying through a load balancer): each attendance is stored once, one instance answers 201 and the
+/// other 200 with the same record, and no request fails.
+#[tokio::test]
+async fn the_same_attendance_sent_to_two_instances_at_once_is_stored_once_and_both_are_answered() {
+    for backend in backends().into_iter().filter(|b| *b == Backend::Postgres) {
+        let app = spawn_app(backend).await;
+        let r = regions(&app).await;
+        let mut settings = app.db.settings();
+        settings.server.workers = 2;
+        let other = cpis::startup::Application::build(settings).expect("a second instance");
+        let other_address = format!("http://127.0.0.1:{}", other.port());
+        tokio::spawn(other.run_until_stopped());
+        let send = |address: String, id: String| {
+            let (client, key) = (app.client.clone(), r.cw_ed.clone());
+            async move {
+                let res = client
+                    .post(format!("{address}/v1/attendances"))
+                    .bearer_auth(key)
+                    .json(&attendance(&id, json!({"nhs_number": "9434765919"})))
+                    .send()
+                    .await
+                    .unwrap();
+                TestApp::read(res).await
+            }
+        };
+        for n in 0..20 {
+            let id = format!("RACE-{n}");
+            let (a, b) = tokio::join!(
+                send(app.address.clone(), id.clone()),
+                send(other_address.clone(), id.clone())
+            );
+            let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+            statuses.sort();
+            assert_eq!(statuses, [200, 201], "{a:?} {b:?}");
+            assert_eq!(a.body["id"], b.body["id"], "{a:?} {b:?}");
+        }
+        assert_eq!(app.stored_attendances(), 20);
+    }
+}
+
 #[tokio::test]
 async fn a_confident_demographic_match_teaches_the_mpi_the_local_identifier() {
     for backend in backends() {
