@@ -195,14 +195,19 @@ pub async fn create(
     // On SQLite, unless the MPI may learn a local identifier from it, an attendance only reads and adds rows the
     // writer holds until its batch commits (its own row among them), so it needs no savepoint of its own.
     let savepoint = attendances::needs_savepoint(&att);
+    let look_first = state.db.is_sqlite() || savepoint;
     let stored = state
         .db
         .write_with(savepoint, move |conn| {
-            // Two copies of one attendance racing: the second finds the first here, committed or earlier in the
-            // same batch (or, from another instance, skips its insert below).
+            // Two copies of one attendance racing. On SQLite the second finds the first here, committed or
+            // earlier in the same batch. On PostgreSQL its insert below finds it instead (one round trip fewer,
+            // and it also sees a copy another instance is storing), unless this write may teach the MPI, which
+            // a copy must not do again.
             let mark = crate::db::JobMark::now();
-            if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
-                return Ok::<_, ApiError>(Err(existing));
+            if look_first {
+                if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
+                    return Ok::<_, ApiError>(Err(existing));
+                }
             }
             let (resolution, view, notified) = match resolved {
                 Some((r, found)) => {
