@@ -119,11 +119,12 @@ async fn metrics_change_as_requests_are_made() {
 }
 
 /// PostgreSQL restarted (every session of cpis's ended): checks are answered again without a restart of cpis.
-/// The first query on a dead connection fails, and that one request is answered 503, not 500; it tells the
+/// The first query on a dead connection fails, and that one request is answered 503, never 500; it tells the
 /// other connections, which are asked `SELECT 1` before their next use and replaced. Connections idle for a
 /// second are asked anyway, so after a quiet second nothing fails at all.
 #[tokio::test]
-async fn when_postgresql_ends_every_session_one_check_is_refused_with_503_and_the_next_succeeds() {
+async fn when_postgresql_ends_every_session_at_most_one_check_is_refused_with_503_and_the_next_succeeds(
+) {
     for backend in backends().into_iter().filter(|b| *b == Backend::Postgres) {
         let app = spawn_app(backend).await;
         let w = app.world().await;
@@ -135,8 +136,11 @@ async fn when_postgresql_ends_every_session_one_check_is_refused_with_503_and_th
 
         // At once: the pool's and the writer's connections were all in use moments ago.
         assert!(app.db.terminate_sessions() >= 2);
-        let refused = app.post("/v1/flag-checks", &w.care, check.clone()).await;
-        assert_eq!(refused.problem(503)["type"], "/problems/unavailable");
+        // (Answered at once too if the machine stalled for a second here, since idle connections are asked.)
+        let first = app.post("/v1/flag-checks", &w.care, check.clone()).await;
+        if first.status != 200 {
+            assert_eq!(first.problem(503)["type"], "/problems/unavailable");
+        }
         let again = app.post("/v1/flag-checks", &w.care, check.clone()).await;
         assert_eq!(again.status, 200, "{again:?}");
         assert_eq!(again.body["flags"][0]["status"], "active");
