@@ -299,8 +299,8 @@ pub fn update(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error>
         .map(|_| ())
 }
 
-/// Stores a new attendance; answers false if another instance had just stored the same one (same setting and
-/// attendance id), when nothing is stored. On SQLite, inside the group-commit writer, it joins the batch's
+/// Stores a new attendance; on PostgreSQL answers false, storing nothing, if another instance had just stored
+/// the same one (same setting and attendance id). On SQLite, inside the group-commit writer, it joins the batch's
 /// multi-row insert ([`crate::db::deferred`]), where [`AttendanceRow::find_by_source`] still finds it: the
 /// writer is the only one, so no copy can be stored behind its back. On PostgreSQL several instances may write
 /// at once, and a copy stored by another between the look and the insert would fail a whole batch at its end;
