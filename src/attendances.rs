@@ -299,28 +299,33 @@ pub fn update(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error>
         .map(|_| ())
 }
 
-/// Stores a new attendance; on PostgreSQL answers false, storing nothing, if another instance had just stored
+/// Stores a new attendance; on PostgreSQL hands it back, storing nothing, if another instance had just stored
 /// the same one (same setting and attendance id). On SQLite, inside the group-commit writer, it joins the batch's
 /// multi-row insert ([`crate::db::deferred`]), where [`AttendanceRow::find_by_source`] still finds it: the
 /// writer is the only one, so no copy can be stored behind its back. On PostgreSQL several instances may write
 /// at once, and a copy stored by another between the look and the insert would fail a whole batch at its end;
 /// there the insert runs at once and skips a duplicate (`ON CONFLICT DO NOTHING`, which waits for the other
 /// instance's transaction to end), so the write needs no savepoint: two statements fewer for the writer.
-pub fn insert(conn: &mut DbConnection, att: AttendanceRow) -> Result<bool, Error> {
+pub fn insert(
+    conn: &mut DbConnection,
+    att: AttendanceRow,
+) -> Result<Result<(), AttendanceRow>, Error> {
     match conn {
         // One process writes, and the writer has looked for this attendance in the table and its batch.
-        DbConnection::Sqlite(_) => match crate::db::deferred::keep(att, |d| &mut d.attendances) {
-            None => Ok(true),
-            Some(att) => {
-                crate::db::insert_attendances(conn, std::slice::from_ref(&att)).map(|n| n == 1)
+        DbConnection::Sqlite(_) => {
+            if let Some(att) = crate::db::deferred::keep(att, |d| &mut d.attendances) {
+                crate::db::insert_attendances(conn, std::slice::from_ref(&att))?;
             }
-        },
+            Ok(Ok(()))
+        }
         // Another instance may have recorded the same attendance a moment ago: its row is kept, this one skipped.
-        DbConnection::Postgres(c) => diesel::insert_into(attendances::table)
-            .values(&att)
-            .on_conflict_do_nothing()
-            .execute(c)
-            .map(|n| n == 1),
+        DbConnection::Postgres(c) => {
+            let stored = diesel::insert_into(attendances::table)
+                .values(&att)
+                .on_conflict_do_nothing()
+                .execute(c)?;
+            Ok(if stored == 1 { Ok(()) } else { Err(att) })
+        }
     }
 }
 

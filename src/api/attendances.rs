@@ -229,12 +229,11 @@ pub async fn create(
                 detail: Some(json!({"setting_ods": att.setting_ods, "setting_type": att.setting_type, "method": att.match_method}).to_string()),
             })?;
             let json = answer(&att, resolution.as_ref(), &view, &notified);
-            let (s, a) = (att.setting_ods.clone(), att.attendance_id.clone());
-            if !attendances::insert(conn, att)? {
+            if let Err(skipped) = attendances::insert(conn, att)? {
                 // Another instance stored it a moment ago: this write's audit event and rows go, and the caller
                 // is answered as any repeat is.
                 mark.discard();
-                return match AttendanceRow::find_by_source(conn, &s, &a)? {
+                return match AttendanceRow::find_by_source(conn, &skipped.setting_ods, &skipped.attendance_id)? {
                     Some(existing) => Ok(Err(existing)),
                     None => Err(ApiError::Conflict("this attendance was being recorded by another request; send it again".into())),
                 };

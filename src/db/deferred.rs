@@ -15,8 +15,7 @@
 use super::DbConnection;
 use crate::attendances::AttendanceRow;
 use crate::db::models::AccessRow;
-use crate::notify::EndpointRow;
-use crate::notify::{DeliveryRow, NotificationRow};
+use crate::notify::{DeliveryRow, EndpointRow, NotificationRow};
 use diesel::result::Error;
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -306,12 +306,7 @@ where
         Box::new(move |commit_error| {
             let result = match commit_error {
                 None => result,
-                Some(e) if is_unreachable(e) => Err(E::from(DbError::Unavailable(format!(
-                    "the batch could not be committed: {e}"
-                )))),
-                Some(e) => Err(E::from(DbError::Migration(format!(
-                    "the batch commit failed: {e}"
-                )))),
+                Some(e) => Err(E::from(batch_failure(e))),
             };
             let _ = reply.send(result);
         })
@@ -319,6 +314,15 @@ where
 
     fn fail(self: Box<Self>, why: DbError) {
         let _ = self.reply.send(Err(E::from(why)));
+    }
+}
+
+/// What a write is told when its batch's transaction failed: unavailable if the database could not be reached.
+fn batch_failure(e: &diesel::result::Error) -> DbError {
+    if is_unreachable(e) {
+        DbError::Unavailable(format!("the batch could not be committed: {e}"))
+    } else {
+        DbError::Migration(format!("the batch commit failed: {e}"))
     }
 }
 
@@ -443,10 +447,10 @@ fn writer_loop(
                 // Writes the transaction never reached (it could not begin: the connection was lost) fail
                 // with its error rather than being dropped unanswered.
                 for job in batch.drain(..) {
-                    job.fail(match &error {
-                        Some(e) if is_unreachable(e) => DbError::Unavailable(e.to_string()),
-                        _ => DbError::Migration("the batch's transaction could not begin".into()),
-                    });
+                    job.fail(error.as_ref().map_or_else(
+                        || DbError::Migration("the batch's transaction could not begin".into()),
+                        batch_failure,
+                    ));
                 }
             }
             Err(_) => {
