@@ -98,24 +98,41 @@ pub fn parse_child(
     child: ChildBody,
     today: NaiveDate,
 ) -> Demographics {
-    let f = |name: &str| format!("{prefix}{name}");
-    let birth_date = v.optional(&f("birth_date"), child.birth_date, |s| {
-        let d = parse_date(&s)?;
+    // The field's full name is only written out for an error: a bulk file parses a child per row.
+    fn field<T>(
+        v: &mut Validator,
+        prefix: &str,
+        name: &str,
+        value: Option<String>,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        match parse(&value?) {
+            Ok(parsed) => Some(parsed),
+            Err(message) => {
+                v.push(&format!("{prefix}{name}"), message);
+                None
+            }
+        }
+    }
+    let birth_date = field(v, prefix, "birth_date", child.birth_date, |s| {
+        let d = parse_date(s)?;
         if d > today {
             return Err("must not be in the future".into());
         }
         Ok(d)
     });
     Demographics {
-        given_name: v.optional(&f("given_name"), child.given_name, |s| {
-            PersonName::parse(&s)
-        }),
-        family_name: v.optional(&f("family_name"), child.family_name, |s| {
-            PersonName::parse(&s)
-        }),
+        given_name: field(v, prefix, "given_name", child.given_name, PersonName::parse),
+        family_name: field(
+            v,
+            prefix,
+            "family_name",
+            child.family_name,
+            PersonName::parse,
+        ),
         birth_date,
-        sex: v.optional(&f("sex"), child.sex, |s| Sex::parse(&s)),
-        postcode: v.optional(&f("postcode"), child.postcode, |s| Postcode::parse(&s)),
+        sex: field(v, prefix, "sex", child.sex, Sex::parse),
+        postcode: field(v, prefix, "postcode", child.postcode, Postcode::parse),
     }
 }
 
