@@ -106,13 +106,13 @@ fn flush(
     now: NaiveDateTime,
     actor: &Actor,
     la: &str,
-    pending: &mut Vec<(usize, PlanInput)>,
+    accepted: Vec<(usize, PlanInput)>,
     result: &mut FileResult,
 ) -> Result<(), ImportError> {
-    if pending.is_empty() {
+    if accepted.is_empty() {
         return Ok(());
     }
-    let (rows, inputs): (Vec<usize>, Vec<PlanInput>) = pending.drain(..).unzip();
+    let (rows, inputs): (Vec<usize>, Vec<PlanInput>) = accepted.into_iter().unzip();
     let registered = plans::register_many(conn, now, actor, la, &inputs).map_err(|e| match e {
         ApiError::Internal(cause) => match cause.downcast::<crate::db::DbError>() {
             Ok(crate::db::DbError::Query(q)) => ImportError::Db(q),
@@ -140,15 +140,26 @@ fn flush(
     Ok(())
 }
 
+/// Rows read and checked, sent from the reading thread to the one that registers them.
+struct Parsed {
+    accepted: Vec<(usize, PlanInput)>,
+    rejected: Vec<RowResult>,
+}
+
 /// Imports a file for authority `la` inside the caller's transaction; `progress` is told each row number.
+///
+/// Two threads share the work: one reads and checks the rows (CSV, UTF-8, every field's rules) and hands over a
+/// chunk of accepted rows at a time, while this one registers the chunk before it. The database work is most
+/// of an import, and until the file is read this keeps the second core busy with the rest (BENCHMARKS.md,
+/// change 45). At most two chunks wait between them. A corrupt file stops both, and the caller rolls back.
 pub fn import(
     conn: &mut DbConnection,
     now: NaiveDateTime,
     today: NaiveDate,
     actor: &Actor,
     la: &str,
-    input: impl Read,
-    mut progress: impl FnMut(usize),
+    input: impl Read + Send,
+    progress: impl FnMut(usize) + Send,
 ) -> Result<FileResult, ImportError> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
@@ -158,7 +169,7 @@ pub fn import(
         .byte_headers()
         .map_err(|e| ImportError::Corrupt(format!("the header row cannot be read: {e}")))?
         .clone();
-    let mut columns: HashMap<String, usize> = HashMap::new();
+    let mut columns: Vec<(&'static str, usize)> = Vec::new();
     for (i, raw) in header.iter().enumerate() {
         let name = std::str::from_utf8(raw)
             .map_err(|_| ImportError::Corrupt("the header row is not UTF-8".into()))?;
@@ -166,23 +177,24 @@ pub fn import(
             .trim_start_matches('\u{feff}')
             .trim()
             .to_ascii_lowercase();
-        if !REQUIRED.contains(&name.as_str()) && !OPTIONAL.contains(&name.as_str()) {
+        let Some(known) = REQUIRED.iter().chain(&OPTIONAL).find(|c| **c == name) else {
             return Err(ImportError::Corrupt(format!(
                 "unknown column `{name}`; columns are {} (required) and {}",
                 REQUIRED.join(", "),
                 OPTIONAL.join(", ")
             )));
-        }
-        if columns.insert(name.clone(), i).is_some() {
+        };
+        if columns.iter().any(|(c, _)| c == known) {
             return Err(ImportError::Corrupt(format!(
                 "column `{name}` appears twice"
             )));
         }
+        columns.push((known, i));
     }
     let missing: Vec<&str> = REQUIRED
         .iter()
         .copied()
-        .filter(|c| !columns.contains_key(*c))
+        .filter(|c| !columns.iter().any(|(name, _)| name == c))
         .collect();
     if !missing.is_empty() {
         return Err(ImportError::Corrupt(format!(
@@ -198,8 +210,57 @@ pub fn import(
         detail: None,
         rows: Vec::new(),
     };
+    let rows = std::thread::scope(|scope| {
+        let (sender, chunks) = std::sync::mpsc::sync_channel::<Parsed>(2);
+        let reading = std::thread::Builder::new()
+            .name("cpis-bulk-read".into())
+            .spawn_scoped(scope, move || {
+                read_rows(reader, header.len(), &columns, today, progress, sender)
+            })
+            .map_err(|e| ImportError::Corrupt(format!("the file could not be read: {e}")))?;
+        let registered = chunks.iter().try_for_each(|chunk| {
+            result.rejected += chunk.rejected.len();
+            result.rows.extend(chunk.rejected);
+            flush(conn, now, actor, la, chunk.accepted, &mut result)
+        });
+        // After a database error this stops the reader at its next chunk.
+        drop(chunks);
+        let read = reading
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        registered?;
+        read
+    })?;
+    result.rows.sort_by_key(|r| r.row);
+    if rows == 0 {
+        return Err(ImportError::Corrupt(
+            "the file has a header but no rows".into(),
+        ));
+    }
+    result.file_code = match (result.accepted, result.rejected) {
+        (_, 0) => "CPF02",
+        (0, _) => "CPF04",
+        _ => "CPF03",
+    };
+    Ok(result)
+}
+
+/// Reads and checks every row after the header, sending them on in chunks of [`CHUNK`] accepted rows; returns
+/// how many rows there were. Stops early, with `Ok`, when the registering side has gone.
+fn read_rows(
+    mut reader: csv::Reader<impl Read>,
+    fields_in_header: usize,
+    columns: &[(&'static str, usize)],
+    today: NaiveDate,
+    mut progress: impl FnMut(usize),
+    sender: std::sync::mpsc::SyncSender<Parsed>,
+) -> Result<usize, ImportError> {
+    let fresh = || Parsed {
+        accepted: Vec::with_capacity(CHUNK),
+        rejected: Vec::new(),
+    };
+    let mut parsed = fresh();
     let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut pending: Vec<(usize, PlanInput)> = Vec::with_capacity(CHUNK);
     let mut record = csv::ByteRecord::new();
     let mut row = 0;
     loop {
@@ -220,52 +281,47 @@ pub fn import(
             )));
         }
         progress(row);
-        let mut fields: HashMap<&str, String> = HashMap::new();
-        for (name, i) in &columns {
-            if let Some(raw) = record.get(*i) {
+        let mut fields: Vec<(&'static str, String)> = Vec::with_capacity(columns.len());
+        for &(name, i) in columns {
+            if let Some(raw) = record.get(i) {
                 let text = std::str::from_utf8(raw)
                     .map_err(|_| ImportError::Corrupt(format!("row {row} is not UTF-8")))?;
                 if !text.is_empty() {
-                    fields.insert(name.as_str(), text.to_string());
+                    fields.push((name, text.to_string()));
                 }
             }
         }
-        let reference = fields.get("local_reference").cloned();
-        let rejected = |reasons: Vec<String>, result: &mut FileResult| {
-            result.rejected += 1;
-            result.rows.push(RowResult {
+        let mut take = |name: &str| {
+            let at = fields.iter().position(|(n, _)| *n == name)?;
+            Some(fields.swap_remove(at).1)
+        };
+        let reference = take("local_reference");
+        let mut rejected = |reasons: Vec<String>| {
+            parsed.rejected.push(RowResult {
                 row,
                 local_reference: reference.clone(),
                 code: "CPR07",
                 reasons,
                 plan_id: None,
                 outcome: None,
-            });
+            })
         };
-        if record.len() != header.len() {
-            rejected(
-                vec![format!(
-                    "has {} fields; the header has {}",
-                    record.len(),
-                    header.len()
-                )],
-                &mut result,
-            );
+        if record.len() != fields_in_header {
+            rejected(vec![format!(
+                "has {} fields; the header has {fields_in_header}",
+                record.len(),
+            )]);
             continue;
         }
         if let Some(r) = &reference {
             if let Some(first) = seen.get(r) {
-                rejected(
-                    vec![format!(
-                        "local_reference: appears already in row {first} of this file"
-                    )],
-                    &mut result,
-                );
+                rejected(vec![format!(
+                    "local_reference: appears already in row {first} of this file"
+                )]);
                 continue;
             }
             seen.insert(r.clone(), row);
         }
-        let mut take = |k: &str| fields.remove(k);
         let child = ChildBody {
             given_name: take("given_name"),
             family_name: take("family_name"),
@@ -279,7 +335,7 @@ pub fn import(
             || child.sex.is_some()
             || child.postcode.is_some();
         let body = PlanBody {
-            local_reference: take("local_reference"),
+            local_reference: reference.clone(),
             nhs_number: take("nhs_number"),
             plan_type: take("plan_type"),
             start_date: take("start_date"),
@@ -290,28 +346,22 @@ pub fn import(
             contacts: None,
         };
         match PlanInput::parse(body, today) {
-            Err(e) => rejected(reasons(e), &mut result),
+            Err(e) => rejected(reasons(e)),
             Ok(input) => {
-                pending.push((row, input));
-                if pending.len() == CHUNK {
-                    flush(conn, now, actor, la, &mut pending, &mut result)?;
+                parsed.accepted.push((row, input));
+                if parsed.accepted.len() == CHUNK
+                    && sender
+                        .send(std::mem::replace(&mut parsed, fresh()))
+                        .is_err()
+                {
+                    return Ok(row);
                 }
             }
         }
     }
-    flush(conn, now, actor, la, &mut pending, &mut result)?;
-    result.rows.sort_by_key(|r| r.row);
-    if row == 0 {
-        return Err(ImportError::Corrupt(
-            "the file has a header but no rows".into(),
-        ));
-    }
-    result.file_code = match (result.accepted, result.rejected) {
-        (_, 0) => "CPF02",
-        (0, _) => "CPF04",
-        _ => "CPF03",
-    };
-    Ok(result)
+    // The registering side may have gone already; it then has its own error to give.
+    let _ = sender.send(parsed);
+    Ok(row)
 }
 
 /// Runs an import in one write transaction: a corrupt file rolls back and answers CPF01.
@@ -321,8 +371,8 @@ pub fn import_file(
     today: NaiveDate,
     actor: &Actor,
     la: &str,
-    input: impl Read,
-    progress: impl FnMut(usize),
+    input: impl Read + Send,
+    progress: impl FnMut(usize) + Send,
 ) -> Result<FileResult, diesel::result::Error> {
     match db.write_blocking(|conn| import(conn, now, today, actor, la, input, progress)) {
         Ok(r) => Ok(r),

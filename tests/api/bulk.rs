@@ -164,6 +164,16 @@ async fn a_corrupt_file_gets_cpf01_and_changes_nothing() {
             test_nhs_number(41)
         )]);
         latin1.extend_from_slice(b"BAD-ENC,9434765919,CPP,2026-01-10,,,Ren\xe9e,M\xfcller,,,\n");
+        // The same after more good rows than are registered at a time, so some were already stored when the
+        // bad row is read.
+        let good: Vec<String> = test_nhs_numbers()
+            .skip(1_000)
+            .take(2_500)
+            .enumerate()
+            .map(|(i, nhs)| format!("LATE-{i},{nhs},CPP,2026-01-10,,,,,,,"))
+            .collect();
+        let mut late = file(&good);
+        late.extend_from_slice(b"LATE-BAD,9434765919,CPP,2026-01-10,,,Ren\xe9e,,,,\n");
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("not CSV", b"{\"plans\": [1, 2, 3]}".to_vec()),
             (
@@ -179,6 +189,7 @@ async fn a_corrupt_file_gets_cpf01_and_changes_nothing() {
                 b"local_reference,nhs_number,plan_type\nA,9434765919,CPP\n".to_vec(),
             ),
             ("wrong encoding after a good row", latin1),
+            ("wrong encoding after 2,500 good rows", late),
             ("header only", format!("{HEADER}\n").into_bytes()),
             ("empty", Vec::new()),
         ];
@@ -188,6 +199,9 @@ async fn a_corrupt_file_gets_cpf01_and_changes_nothing() {
                 .await;
             resp.problem(422);
             assert_eq!(resp.body["file_code"], "CPF01", "{what}: {resp:?}");
+            if what.contains("2,500") {
+                assert_eq!(resp.body["detail"], "row 2501 is not UTF-8", "{resp:?}");
+            }
         }
         assert_eq!(
             app.post("/v1/plans/search", &w.la, serde_json::json!({}))

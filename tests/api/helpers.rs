@@ -388,22 +388,26 @@ pub struct World {
     pub auditor: String,
 }
 
-/// The `n`th valid NHS number of the test range (999 000 0000 to 999 999 9999), with its real check digit.
+/// The valid NHS numbers of the test range (999 000 0000 to 999 999 9999) in order, with their real check digits.
+pub fn test_nhs_numbers() -> impl Iterator<Item = String> {
+    (0..1_000_000).filter_map(|k: u32| {
+        let stem = format!("999{k:06}");
+        let sum: u32 = stem
+            .bytes()
+            .zip((2..=10).rev())
+            .map(|(d, w)| u32::from(d - b'0') * w)
+            .sum();
+        match 11 - sum % 11 {
+            10 => None,
+            11 => Some(format!("{stem}0")),
+            c => Some(format!("{stem}{c}")),
+        }
+    })
+}
+
+/// The `n`th of [`test_nhs_numbers`].
 pub fn test_nhs_number(n: u32) -> String {
-    (0..)
-        .map(|k: u32| format!("999{k:06}"))
-        .filter_map(|stem| {
-            let sum: u32 = stem
-                .bytes()
-                .zip((2..=10).rev())
-                .map(|(d, w)| u32::from(d - b'0') * w)
-                .sum();
-            match 11 - sum % 11 {
-                10 => None,
-                11 => Some(format!("{stem}0")),
-                c => Some(format!("{stem}{c}")),
-            }
-        })
+    test_nhs_numbers()
         .nth(n as usize)
         .expect("the test range has enough numbers")
 }
