@@ -140,6 +140,11 @@ pub fn spawn(state: Arc<AppState>) -> anyhow::Result<Vec<tokio::task::JoinHandle
     let mut handles = Vec::new();
     for (name, schedule) in state.settings.jobs.schedules()? {
         let state = state.clone();
+        if name == "deliver" {
+            // A backlog left by the last run (stopped, killed, or the whole machine restarted) goes out at
+            // once, not at the first tick of the schedule: the first wait below ends on this.
+            state.wake_deliverer();
+        }
         handles.push(tokio::spawn(async move {
             while let Some(next) = schedule.upcoming(Utc).next() {
                 let wait = (next - Utc::now()).to_std().unwrap_or_default();

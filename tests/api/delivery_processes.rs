@@ -103,6 +103,32 @@ async fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Notifications waiting when the service starts go out at once, not at the schedule's first tick (here, the
+/// first of January).
+#[tokio::test]
+async fn a_backlog_waiting_at_start_is_delivered_without_waiting_for_the_schedule() {
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        let (app, secret) = outbox_full_of_notifications(backend, &receiver.url).await;
+        receiver.trust(&secret);
+        let (port, ca) = (smtp.port.to_string(), smtp.ca_cert.display().to_string());
+        let mut env = serve_env(&port, &ca);
+        env.retain(|(k, _)| *k != "CPIS__JOBS__DELIVER");
+        env.push(("CPIS__JOBS__DELIVER", "0 0 0 1 1 *"));
+        let mut server = serve(&app.db, &env);
+        wait_for(Duration::from_secs(60), "the backlog", || {
+            receiver.hooks().len() >= FLAGGED && smtp.mails().len() >= FLAGGED
+        })
+        .await;
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        assert_eq!(statuses(&app).get("delivered"), Some(&(FLAGGED as i64)));
+        let received: BTreeSet<String> = receiver.hooks().iter().map(|h| h.id.clone()).collect();
+        assert_eq!(received, notification_ids(&app));
+    }
+}
+
 #[tokio::test]
 async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_only_with_the_same_ids(
 ) {
