@@ -3,8 +3,8 @@
 //! carries the same `webhook-id` and `Message-ID`; two instances on one database deliver a batch once.
 
 use crate::helpers::*;
-use crate::receiver::start_receiver;
-use crate::smtp::start_smtp;
+use crate::receiver::{start_receiver, Receiver};
+use crate::smtp::{start_smtp, SmtpServer};
 use diesel::prelude::*;
 use serde_json::json;
 use std::collections::{BTreeSet, HashMap};
@@ -12,9 +12,20 @@ use std::time::{Duration, Instant};
 
 const FLAGGED: usize = 200;
 
-/// An authority with email and webhook endpoints, an ED, and `FLAGGED` attendances of flagged children, written
-/// by an in-process server whose deliver job is off: the notifications wait in the outbox.
-async fn outbox_full_of_notifications(backend: Backend, receiver_url: &str) -> (TestApp, String) {
+/// What the tests below share: the receivers, and the outbox they are to empty.
+struct Outbox {
+    app: TestApp,
+    smtp: SmtpServer,
+    receiver: Receiver,
+}
+
+/// A local SMTP server and webhook receiver (trusting the authority's secret), and an authority with email and
+/// webhook endpoints, an ED, and `FLAGGED` attendances of flagged children, written by an in-process server
+/// whose deliver job is off: the notifications wait in the outbox.
+async fn outbox_full_of_notifications(backend: Backend) -> Outbox {
+    let smtp = start_smtp(0).await;
+    let receiver = start_receiver();
+    let receiver_url = receiver.url.clone();
     let app = spawn_app_with(backend, |s| {
         s.webhook.allow_private_targets = true;
         s.webhook.allow_http = true;
@@ -46,7 +57,12 @@ async fn outbox_full_of_notifications(backend: Backend, receiver_url: &str) -> (
             "{resp:?}"
         );
     }
-    (app, secret)
+    receiver.trust(&secret);
+    Outbox {
+        app,
+        smtp,
+        receiver,
+    }
 }
 
 fn notification_ids(app: &TestApp) -> BTreeSet<String> {
@@ -108,10 +124,11 @@ async fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn a_backlog_waiting_at_start_is_delivered_without_waiting_for_the_schedule() {
     for backend in backends() {
-        let smtp = start_smtp(0).await;
-        let receiver = start_receiver();
-        let (app, secret) = outbox_full_of_notifications(backend, &receiver.url).await;
-        receiver.trust(&secret);
+        let Outbox {
+            app,
+            smtp,
+            receiver,
+        } = outbox_full_of_notifications(backend).await;
         let (port, ca) = (smtp.port.to_string(), smtp.ca_cert.display().to_string());
         let mut env = serve_env(&port, &ca);
         env.retain(|(k, _)| *k != "CPIS__JOBS__DELIVER");
@@ -133,11 +150,12 @@ async fn a_backlog_waiting_at_start_is_delivered_without_waiting_for_the_schedul
 async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_only_with_the_same_ids(
 ) {
     for backend in backends() {
-        let smtp = start_smtp(0).await;
-        let receiver = start_receiver();
+        let Outbox {
+            app,
+            smtp,
+            receiver,
+        } = outbox_full_of_notifications(backend).await;
         receiver.behaviour.lock().unwrap().delay = Duration::from_millis(15);
-        let (app, secret) = outbox_full_of_notifications(backend, &receiver.url).await;
-        receiver.trust(&secret);
         let expected = notification_ids(&app);
         assert_eq!(expected.len(), FLAGGED);
 
@@ -210,10 +228,11 @@ async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_o
 #[tokio::test]
 async fn two_instances_on_one_database_deliver_a_batch_once() {
     for backend in backends() {
-        let smtp = start_smtp(0).await;
-        let receiver = start_receiver();
-        let (app, secret) = outbox_full_of_notifications(backend, &receiver.url).await;
-        receiver.trust(&secret);
+        let Outbox {
+            app,
+            smtp,
+            receiver,
+        } = outbox_full_of_notifications(backend).await;
         let (port, ca) = (smtp.port.to_string(), smtp.ca_cert.display().to_string());
         let env = serve_env(&port, &ca);
         let mut a = serve(&app.db, &env);

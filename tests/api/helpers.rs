@@ -388,21 +388,10 @@ pub struct World {
     pub auditor: String,
 }
 
-/// The valid NHS numbers of the test range (999 000 0000 to 999 999 9999) in order, with their real check digits.
+/// The valid NHS numbers of the test range (999 000 0000 to 999 999 9999) in order, with their real check digits:
+/// the synthetic data's own sequence.
 pub fn test_nhs_numbers() -> impl Iterator<Item = String> {
-    (0..1_000_000).filter_map(|k: u32| {
-        let stem = format!("999{k:06}");
-        let sum: u32 = stem
-            .bytes()
-            .zip((2..=10).rev())
-            .map(|(d, w)| u32::from(d - b'0') * w)
-            .sum();
-        match 11 - sum % 11 {
-            10 => None,
-            11 => Some(format!("{stem}0")),
-            c => Some(format!("{stem}{c}")),
-        }
-    })
+    cpis::mpi::synthetic::NhsNumbers::default()
 }
 
 /// The `n`th of [`test_nhs_numbers`].
