@@ -318,6 +318,55 @@ fn status_mb(pid: u32, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds used so far by process `pid`, all its threads (`utime` and `stime` of `/proc/PID/stat`, which
+/// the kernel counts in USER_HZ, 100 a second).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name, in parentheses, may hold spaces: the fields are counted after its closing one, where
+    // `utime` and `stime` (fields 14 and 15 of the line) are the 12th and 13th.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse::<f64>().ok())
+        .sum::<f64>()
+        / 100.0
+}
+
+/// The CPU that cpis (process `server`) and the load generator use from `start` on.
+struct CpuMeter {
+    server: u32,
+    at_start: (f64, f64),
+    started: Instant,
+}
+
+impl CpuMeter {
+    fn start(server: u32) -> Self {
+        CpuMeter {
+            server,
+            at_start: (cpu_secs(server), cpu_secs(std::process::id())),
+            started: Instant::now(),
+        }
+    }
+
+    /// Prints the CPU per request over `requests` requests, and the cores each kept busy.
+    fn print(&self, requests: f64) {
+        let wall = self.started.elapsed().as_secs_f64();
+        let cpis = cpu_secs(self.server) - self.at_start.0;
+        let generator = cpu_secs(std::process::id()) - self.at_start.1;
+        if requests > 0.0 {
+            println!(
+                "|   (CPU per request: cpis {:.0} µs, load generator {:.0} µs; cores busy: {cpis_cores:.2} and {generator_cores:.2}) | | | | | | |",
+                1e6 * cpis / requests,
+                1e6 * generator / requests,
+                cpis_cores = cpis / wall,
+                generator_cores = generator / wall,
+            );
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Figures {
     per_sec: f64,
@@ -404,10 +453,12 @@ async fn writer_counts(client: &reqwest::Client, base: &str) -> (f64, f64) {
     )
 }
 
-/// Runs one HTTP scenario and prints its row, with the writer's commits per second and mean batch.
+/// Runs one HTTP scenario and prints its row, with the writer's commits per second and mean batch, and the CPU
+/// that cpis (`server`, its process id) and the load generator used per request.
 async fn scenario<F>(
     client: &reqwest::Client,
     base: &str,
+    server: u32,
     args: &Args,
     name: &str,
     reference: Option<Figures>,
@@ -417,9 +468,11 @@ where
     F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 {
     let before = writer_counts(client, base).await;
+    let cpu = CpuMeter::start(server);
     let f = load(client, args.concurrency, args.seconds, make).await;
     let after = writer_counts(client, base).await;
     row(name, f, reference);
+    cpu.print(f.per_sec * args.seconds as f64);
     let (batches, writes) = (after.0 - before.0, after.1 - before.1);
     if batches > 0.0 {
         println!(
@@ -486,17 +539,20 @@ async fn run(args: Args) {
     println!("\n| scenario | throughput | p50 | p90 | p99 | errors | of /health/live |");
     println!("|---|---|---|---|---|---|---|");
     let b = base.clone();
+    let cpu = CpuMeter::start(server.child.id());
     let health = load(&client, args.concurrency, args.seconds, move |c, _| {
         c.get(format!("{b}/health/live"))
     })
     .await;
     row("GET /health/live (reference)", health, None);
+    cpu.print(health.per_sec * args.seconds as f64);
 
     if args.runs("hit") {
         let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
         scenario(
             &client,
             &base,
+            server.child.id(),
             &args,
             "flag check, hit",
             Some(health),
@@ -516,6 +572,7 @@ async fn run(args: Args) {
         scenario(
             &client,
             &base,
+            server.child.id(),
             &args,
             "flag check, miss",
             Some(health),
@@ -535,6 +592,7 @@ async fn run(args: Args) {
         scenario(
             &client,
             &base,
+            server.child.id(),
             &args,
             "attendance (flagged child)",
             Some(health),
