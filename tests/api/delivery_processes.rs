@@ -17,6 +17,9 @@ struct Outbox {
     app: TestApp,
     smtp: SmtpServer,
     receiver: Receiver,
+    /// The SMTP server's port and CA certificate, as `cpis serve` is given them.
+    smtp_port: String,
+    smtp_ca: String,
 }
 
 /// A local SMTP server and webhook receiver (trusting the authority's secret), and an authority with email and
@@ -60,6 +63,8 @@ async fn outbox_full_of_notifications(backend: Backend) -> Outbox {
     receiver.trust(&secret);
     Outbox {
         app,
+        smtp_port: smtp.port.to_string(),
+        smtp_ca: smtp.ca_cert.display().to_string(),
         smtp,
         receiver,
     }
@@ -89,24 +94,30 @@ fn statuses(app: &TestApp) -> HashMap<String, i64> {
     counts
 }
 
-fn serve_env<'a>(smtp_port: &'a str, ca: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("CPIS__MAIL__HOST", "localhost"),
-        ("CPIS__MAIL__PORT", smtp_port),
-        ("CPIS__MAIL__CA_CERT", ca),
-        ("CPIS__MAIL__FROM", "cpis <cpis@cpis.test>"),
-        ("CPIS__WEBHOOK__ALLOW_PRIVATE_TARGETS", "true"),
-        ("CPIS__WEBHOOK__ALLOW_HTTP", "true"),
-        ("CPIS__JOBS__DELIVER", "*/1 * * * * *"),
-        ("CPIS__JOBS__EXPIRE", ""),
-        ("CPIS__JOBS__PURGE", ""),
-        ("CPIS__JOBS__REMATCH", ""),
-        ("CPIS__DELIVERY__CONCURRENCY", "4"),
-        ("CPIS__DELIVERY__BATCH_SIZE", "20"),
-        ("CPIS__DELIVERY__LEASE_SECS", "5"),
-        ("CPIS__DELIVERY__RETRY_SCHEDULE", "0s,1s,1s,1s,1s,1s,1s,1s"),
-    ]
+impl Outbox {
+    /// The environment of a `cpis serve` that delivers to these receivers, its deliver job on `deliver` (cron).
+    fn serve_env<'a>(&'a self, deliver: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![
+            ("CPIS__MAIL__HOST", "localhost"),
+            ("CPIS__MAIL__PORT", &self.smtp_port),
+            ("CPIS__MAIL__CA_CERT", &self.smtp_ca),
+            ("CPIS__MAIL__FROM", "cpis <cpis@cpis.test>"),
+            ("CPIS__WEBHOOK__ALLOW_PRIVATE_TARGETS", "true"),
+            ("CPIS__WEBHOOK__ALLOW_HTTP", "true"),
+            ("CPIS__JOBS__DELIVER", deliver),
+            ("CPIS__JOBS__EXPIRE", ""),
+            ("CPIS__JOBS__PURGE", ""),
+            ("CPIS__JOBS__REMATCH", ""),
+            ("CPIS__DELIVERY__CONCURRENCY", "4"),
+            ("CPIS__DELIVERY__BATCH_SIZE", "20"),
+            ("CPIS__DELIVERY__LEASE_SECS", "5"),
+            ("CPIS__DELIVERY__RETRY_SCHEDULE", "0s,1s,1s,1s,1s,1s,1s,1s"),
+        ]
+    }
 }
+
+/// Every second: the schedule of the tests that kill and share instances.
+const EVERY_SECOND: &str = "*/1 * * * * *";
 
 async fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
@@ -124,25 +135,26 @@ async fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn a_backlog_waiting_at_start_is_delivered_without_waiting_for_the_schedule() {
     for backend in backends() {
-        let Outbox {
-            app,
-            smtp,
-            receiver,
-        } = outbox_full_of_notifications(backend).await;
-        let (port, ca) = (smtp.port.to_string(), smtp.ca_cert.display().to_string());
-        let mut env = serve_env(&port, &ca);
-        env.retain(|(k, _)| *k != "CPIS__JOBS__DELIVER");
-        env.push(("CPIS__JOBS__DELIVER", "0 0 0 1 1 *"));
-        let mut server = serve(&app.db, &env);
+        let outbox = outbox_full_of_notifications(backend).await;
+        let env = outbox.serve_env("0 0 0 1 1 *");
+        let mut server = serve(&outbox.app.db, &env);
         wait_for(Duration::from_secs(60), "the backlog", || {
-            receiver.hooks().len() >= FLAGGED && smtp.mails().len() >= FLAGGED
+            outbox.receiver.hooks().len() >= FLAGGED && outbox.smtp.mails().len() >= FLAGGED
         })
         .await;
         server.child.kill().unwrap();
         server.child.wait().unwrap();
-        assert_eq!(statuses(&app).get("delivered"), Some(&(FLAGGED as i64)));
-        let received: BTreeSet<String> = receiver.hooks().iter().map(|h| h.id.clone()).collect();
-        assert_eq!(received, notification_ids(&app));
+        assert_eq!(
+            statuses(&outbox.app).get("delivered"),
+            Some(&(FLAGGED as i64))
+        );
+        let received: BTreeSet<String> = outbox
+            .receiver
+            .hooks()
+            .iter()
+            .map(|h| h.id.clone())
+            .collect();
+        assert_eq!(received, notification_ids(&outbox.app));
     }
 }
 
@@ -150,39 +162,34 @@ async fn a_backlog_waiting_at_start_is_delivered_without_waiting_for_the_schedul
 async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_only_with_the_same_ids(
 ) {
     for backend in backends() {
-        let Outbox {
-            app,
-            smtp,
-            receiver,
-        } = outbox_full_of_notifications(backend).await;
-        receiver.behaviour.lock().unwrap().delay = Duration::from_millis(15);
-        let expected = notification_ids(&app);
+        let outbox = outbox_full_of_notifications(backend).await;
+        outbox.receiver.behaviour.lock().unwrap().delay = Duration::from_millis(15);
+        let expected = notification_ids(&outbox.app);
         assert_eq!(expected.len(), FLAGGED);
 
-        let (port, ca) = (smtp.port.to_string(), smtp.ca_cert.display().to_string());
-        let env = serve_env(&port, &ca);
-        let mut first = serve(&app.db, &env);
+        let env = outbox.serve_env(EVERY_SECOND);
+        let mut first = serve(&outbox.app.db, &env);
         wait_for(Duration::from_secs(60), "first deliveries", || {
-            receiver.hooks().len() >= 40
+            outbox.receiver.hooks().len() >= 40
         })
         .await;
         first.child.kill().unwrap(); // SIGKILL: no chance to finish or clean up
         first.child.wait().unwrap();
-        let at_kill = receiver.hooks().len();
+        let at_kill = outbox.receiver.hooks().len();
         assert!(
             at_kill < FLAGGED,
             "the kill came too late to test anything ({at_kill} delivered)"
         );
 
-        let mut second = serve(&app.db, &env);
+        let mut second = serve(&outbox.app.db, &env);
         let started = Instant::now();
-        while statuses(&app).get("delivered") != Some(&(FLAGGED as i64)) {
+        while statuses(&outbox.app).get("delivered") != Some(&(FLAGGED as i64)) {
             if started.elapsed() > Duration::from_secs(120) {
                 let log = second.log.lock().unwrap().clone();
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 panic!(
                     "not all delivered after the restart: {:?}\n{}",
-                    statuses(&app),
+                    statuses(&outbox.app),
                     tail.join("\n")
                 );
             }
@@ -191,7 +198,7 @@ async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_o
         second.child.kill().unwrap();
         second.child.wait().unwrap();
 
-        let hooks = receiver.hooks();
+        let hooks = outbox.receiver.hooks();
         let received: BTreeSet<String> = hooks.iter().map(|h| h.id.clone()).collect();
         assert_eq!(received, expected, "every notification reached the webhook");
         for h in &hooks {
@@ -202,7 +209,7 @@ async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_o
             );
             assert_eq!(h.verified_with.len(), 1);
         }
-        let mails = smtp.mails();
+        let mails = outbox.smtp.mails();
         let message_ids: BTreeSet<String> = mails
             .iter()
             .map(|m| {
@@ -228,19 +235,14 @@ async fn a_service_killed_mid_delivery_and_restarted_loses_nothing_and_repeats_o
 #[tokio::test]
 async fn two_instances_on_one_database_deliver_a_batch_once() {
     for backend in backends() {
-        let Outbox {
-            app,
-            smtp,
-            receiver,
-        } = outbox_full_of_notifications(backend).await;
-        let (port, ca) = (smtp.port.to_string(), smtp.ca_cert.display().to_string());
-        let env = serve_env(&port, &ca);
-        let mut a = serve(&app.db, &env);
-        let mut b = serve(&app.db, &env);
+        let outbox = outbox_full_of_notifications(backend).await;
+        let env = outbox.serve_env(EVERY_SECOND);
+        let mut a = serve(&outbox.app.db, &env);
+        let mut b = serve(&outbox.app.db, &env);
         wait_for(
             Duration::from_secs(120),
             "all delivered by two instances",
-            || statuses(&app).get("delivered") == Some(&(FLAGGED as i64)),
+            || statuses(&outbox.app).get("delivered") == Some(&(FLAGGED as i64)),
         )
         .await;
         // Give a straggler the chance to send a duplicate before counting.
@@ -249,10 +251,14 @@ async fn two_instances_on_one_database_deliver_a_batch_once() {
             p.child.kill().unwrap();
             p.child.wait().unwrap();
         }
-        let hooks = receiver.hooks();
+        let hooks = outbox.receiver.hooks();
         let distinct: BTreeSet<String> = hooks.iter().map(|h| h.id.clone()).collect();
-        assert_eq!(distinct, notification_ids(&app));
+        assert_eq!(distinct, notification_ids(&outbox.app));
         assert_eq!(hooks.len(), FLAGGED, "no notification was sent twice");
-        assert_eq!(smtp.mails().len(), FLAGGED, "no email was sent twice");
+        assert_eq!(
+            outbox.smtp.mails().len(),
+            FLAGGED,
+            "no email was sent twice"
+        );
     }
 }
