@@ -679,6 +679,7 @@ async fn bulk_import(args: &Args, db: &Db, client: &reqwest::Client, base: &str,
         .enumerate()
         .map(|(i, p)| plan_row(p, "X26", format!("RAW-{i}"), now))
         .collect();
+    tokio::task::block_in_place(|| settle(db));
     let started = Instant::now();
     tokio::task::block_in_place(|| {
         db.write_blocking(|conn| {
@@ -702,6 +703,39 @@ async fn bulk_import(args: &Args, db: &Db, client: &reqwest::Client, base: &str,
         raw_rate,
         100.0 * import_rate / raw_rate
     );
+}
+
+/// Waits until SQLite's WAL is copied into the database. cpis copies an import's pages after its answer (its
+/// checkpointer, or the next long write first), so the reference insert, timed next, must not start while that
+/// work is pending: it would pay for it, or slow it down beside it.
+fn settle(db: &Db) {
+    #[derive(diesel::QueryableByName)]
+    struct Checkpoint {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        log: i32,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        checkpointed: i32,
+    }
+    use diesel::RunQueryDsl;
+    if !db.is_sqlite() {
+        return;
+    }
+    let mut conn = db.get().unwrap();
+    for _ in 0..200 {
+        let done = match &mut *conn {
+            cpis::db::DbConnection::Sqlite(c) => {
+                diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .get_result::<Checkpoint>(c)
+                    .map(|r| r.checkpointed >= r.log)
+                    .unwrap_or(false)
+            }
+            _ => true,
+        };
+        if done {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Delivery: a backlog of notifications to a local webhook receiver and a local SMTP server (STARTTLS), then
