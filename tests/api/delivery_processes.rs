@@ -138,16 +138,16 @@ async fn a_backlog_waiting_at_start_is_delivered_without_waiting_for_the_schedul
         let outbox = outbox_full_of_notifications(backend).await;
         let env = outbox.serve_env("0 0 0 1 1 *");
         let mut server = serve(&outbox.app.db, &env);
+        // Until every notification is received and recorded as delivered: the record follows the receipt, so
+        // stopping at the last receipt could leave its record unwritten (it would be sent again on restart).
         wait_for(Duration::from_secs(60), "the backlog", || {
-            outbox.receiver.hooks().len() >= FLAGGED && outbox.smtp.mails().len() >= FLAGGED
+            outbox.receiver.hooks().len() >= FLAGGED
+                && outbox.smtp.mails().len() >= FLAGGED
+                && statuses(&outbox.app).get("delivered") == Some(&(FLAGGED as i64))
         })
         .await;
         server.child.kill().unwrap();
         server.child.wait().unwrap();
-        assert_eq!(
-            statuses(&outbox.app).get("delivered"),
-            Some(&(FLAGGED as i64))
-        );
         let received: BTreeSet<String> = outbox
             .receiver
             .hooks()
