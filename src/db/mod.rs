@@ -1653,13 +1653,14 @@ pub(crate) mod tests {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(reader.join().unwrap() > 0);
-        // Each write committed at least one 4 KiB frame; a WAL that never started over would hold them all.
+        // Each write commits about two 4 KiB frames (a WAL that never starts over held 37 MB after 4,171 writes);
+        // one that starts over holds those since its last restart (4.5 MB at most seen with other tests beside).
         let wal = std::fs::metadata(dir.path().join("cpis.db-wal"))
             .unwrap()
             .len();
         assert!(writes > 300, "only {writes} writes in 1.5 s");
         assert!(
-            wal < writes as u64 * 4096 / 4,
+            wal < writes as u64 * 4096 / 2,
             "WAL of {wal} bytes after {writes} writes"
         );
         let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
