@@ -709,29 +709,8 @@ async fn bulk_import(args: &Args, db: &Db, client: &reqwest::Client, base: &str,
 /// checkpointer, or the next long write first), so the reference insert, timed next, must not start while that
 /// work is pending: it would pay for it, or slow it down beside it.
 fn settle(db: &Db) {
-    #[derive(diesel::QueryableByName)]
-    struct Checkpoint {
-        #[diesel(sql_type = diesel::sql_types::Integer)]
-        log: i32,
-        #[diesel(sql_type = diesel::sql_types::Integer)]
-        checkpointed: i32,
-    }
-    use diesel::RunQueryDsl;
-    if !db.is_sqlite() {
-        return;
-    }
-    let mut conn = db.get().unwrap();
     for _ in 0..200 {
-        let done = match &mut *conn {
-            cpis::db::DbConnection::Sqlite(c) => {
-                diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .get_result::<Checkpoint>(c)
-                    .map(|r| r.checkpointed >= r.log)
-                    .unwrap_or(false)
-            }
-            _ => true,
-        };
-        if done {
+        if db.copy_wal().unwrap_or(false) {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));

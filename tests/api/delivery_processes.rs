@@ -148,6 +148,10 @@ async fn a_backlog_waiting_at_start_is_delivered_without_waiting_for_the_schedul
         .await;
         server.child.kill().unwrap();
         server.child.wait().unwrap();
+        assert_eq!(
+            statuses(&outbox.app).get("delivered"),
+            Some(&(FLAGGED as i64))
+        );
         let received: BTreeSet<String> = outbox
             .receiver
             .hooks()
