@@ -4,7 +4,7 @@
 
 use crate::clock::format_timestamp;
 use crate::db::schema::{audit_events, audit_head};
-use crate::db::{lock_audit_head, DbConnection};
+use crate::db::{advance_audit_head, lock_audit_head, DbConnection};
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::result::Error;
@@ -187,13 +187,7 @@ fn write_chained(conn: &mut DbConnection, pending: Vec<Pending>) -> Result<(), E
         rows.push(row);
     }
     crate::db::insert_audit_rows(conn, &rows)?;
-    crate::on_backend!(conn, |c| diesel::update(audit_head::table.find(1))
-        .set((
-            audit_head::last_seq.eq(seq),
-            audit_head::last_hash.eq(&prev),
-        ))
-        .execute(c))?;
-    Ok(())
+    advance_audit_head(conn, seq, &prev)
 }
 
 impl Pending {
