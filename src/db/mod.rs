@@ -6,6 +6,7 @@ pub mod models;
 mod pcache;
 pub mod schema;
 pub mod stamp;
+mod txn;
 mod walbuf;
 
 use crate::config::{DatabaseKind, DatabaseSettings};
@@ -361,23 +362,31 @@ where
     F: FnOnce(&mut DbConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    use diesel::connection::{AnsiTransactionManager, TransactionManager};
-    // The connection enum's transaction manager hands every call to the backend's, so the transaction begun
-    // here on the SQLite connection is the one it commits or rolls back.
+    use diesel::connection::TransactionManager;
     type Manager = <DbConnection as Connection>::TransactionManager;
-    match conn {
-        DbConnection::Sqlite(c) => {
-            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
-        }
-        DbConnection::Postgres(_) => Manager::begin_transaction(conn)?,
+    // On SQLite, `BEGIN IMMEDIATE` and `COMMIT` are statements kept prepared ([`txn`]), with the SQLite
+    // connection's transaction depth kept in step: a write's savepoint inside it nests as usual.
+    let sqlite = matches!(conn, DbConnection::Sqlite(_));
+    if sqlite {
+        txn::begin::<{ txn::BEGIN_IMMEDIATE }>(conn)?;
+    } else {
+        Manager::begin_transaction(conn)?;
     }
     match f(conn) {
         Ok(value) => {
-            Manager::commit_transaction(conn)?;
+            if sqlite {
+                txn::commit(conn)?;
+            } else {
+                Manager::commit_transaction(conn)?;
+            }
             Ok(value)
         }
         Err(e) => {
-            Manager::rollback_transaction(conn)?;
+            if sqlite {
+                txn::rollback(conn)?;
+            } else {
+                Manager::rollback_transaction(conn)?;
+            }
             Err(e)
         }
     }
@@ -723,7 +732,13 @@ impl Db {
         };
         // One read transaction for the lot: one snapshot, and SQLite checks once (not per statement) whether the
         // writer has committed since, which empties this connection's page cache.
-        let result = match conn.transaction(|c| Ok::<_, diesel::result::Error>(f(c))) {
+        // `BEGIN` and `COMMIT` are statements kept prepared ([`txn`]). A read's own error still commits: there is
+        // nothing to undo.
+        let result = txn::begin::<{ txn::BEGIN }>(&mut conn).and_then(|()| {
+            let result = f(&mut conn);
+            txn::commit(&mut conn).map(|()| result)
+        });
+        let result = match result {
             Ok(result) => result,
             Err(e) => Err(E::from(DbError::Query(e))),
         };
