@@ -364,29 +364,20 @@ where
 {
     use diesel::connection::TransactionManager;
     type Manager = <DbConnection as Connection>::TransactionManager;
-    // On SQLite, `BEGIN IMMEDIATE` and `COMMIT` are statements kept prepared ([`txn`]), with the SQLite
-    // connection's transaction depth kept in step: a write's savepoint inside it nests as usual.
-    let sqlite = matches!(conn, DbConnection::Sqlite(_));
-    if sqlite {
-        txn::begin::<{ txn::BEGIN_IMMEDIATE }>(conn)?;
-    } else {
-        Manager::begin_transaction(conn)?;
+    // On SQLite, `BEGIN IMMEDIATE` and `COMMIT` are statements kept prepared ([`txn`]), with the connection's
+    // transaction depth kept in step: a write's savepoint inside nests as usual, and diesel's manager (which
+    // hands every call to the backend's) rolls back either backend's transaction.
+    match conn {
+        DbConnection::Sqlite(_) => txn::begin::<{ txn::BEGIN_IMMEDIATE }>(conn)?,
+        DbConnection::Postgres(_) => Manager::begin_transaction(conn)?,
     }
     match f(conn) {
         Ok(value) => {
-            if sqlite {
-                txn::commit(conn)?;
-            } else {
-                Manager::commit_transaction(conn)?;
-            }
+            txn::commit(conn)?;
             Ok(value)
         }
         Err(e) => {
-            if sqlite {
-                txn::rollback(conn)?;
-            } else {
-                Manager::rollback_transaction(conn)?;
-            }
+            Manager::rollback_transaction(conn)?;
             Err(e)
         }
     }

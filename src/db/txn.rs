@@ -4,8 +4,8 @@
 //! time: twice per request for a read transaction, and twice per batch for the writer. `perf probe` on SQLite's
 //! prepare calls showed nothing else prepared per request under load (BENCHMARKS.md, change 51). Here they are
 //! statements of their own, found by type in diesel's statement cache, and the manager's transaction depth is
-//! kept in step by hand, so that a `transaction` inside one is a savepoint as usual and a rollback is diesel's
-//! own.
+//! kept in step by hand, so that a `transaction` inside one is a savepoint as usual and diesel's own
+//! `rollback_transaction` ends one.
 
 use super::DbConnection;
 use diesel::connection::{
@@ -69,36 +69,41 @@ pub fn begin<const B: usize>(conn: &mut DbConnection) -> Result<(), Error> {
         .change_transaction_depth(TransactionDepthChange::IncreaseDepth)
 }
 
-/// Commits the transaction [`begin`] began; if the commit fails, rolls back as diesel does and answers the
-/// commit's error (or both, with the manager marked broken, if the rollback fails too).
+/// Commits the outermost transaction: on SQLite, one [`begin`] began, with `COMMIT` kept prepared (if it fails,
+/// rolls back as diesel does and answers the commit's error, or both, with the manager marked broken, if the
+/// rollback fails too); on PostgreSQL, through diesel's own manager.
 pub fn commit(conn: &mut DbConnection) -> Result<(), Error> {
-    let c = sqlite(conn);
+    let c = match conn {
+        DbConnection::Sqlite(c) => c,
+        DbConnection::Postgres(_) => {
+            return <DbConnection as diesel::Connection>::TransactionManager::commit_transaction(
+                conn,
+            )
+        }
+    };
     match Control::<COMMIT>.execute(c) {
         Ok(_) => status(c)
             .transaction_state()?
             .change_transaction_depth(TransactionDepthChange::DecreaseDepth),
-        Err(commit_error) => match rollback(conn) {
-            Ok(()) => Err(commit_error),
-            Err(rollback_error) => {
-                status(sqlite(conn)).set_in_error();
-                Err(Error::RollbackErrorOnCommit {
-                    rollback_error: Box::new(rollback_error),
-                    commit_error: Box::new(commit_error),
-                })
+        Err(commit_error) => {
+            match <Manager as TransactionManager<SqliteConnection>>::rollback_transaction(c) {
+                Ok(()) => Err(commit_error),
+                Err(rollback_error) => {
+                    status(c).set_in_error();
+                    Err(Error::RollbackErrorOnCommit {
+                        rollback_error: Box::new(rollback_error),
+                        commit_error: Box::new(commit_error),
+                    })
+                }
             }
-        },
+        }
     }
-}
-
-/// Rolls the transaction back through diesel's own manager (rare: a failed write batch).
-pub fn rollback(conn: &mut DbConnection) -> Result<(), Error> {
-    <Manager as TransactionManager<SqliteConnection>>::rollback_transaction(sqlite(conn))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diesel::connection::InstrumentationEvent;
+    use diesel::connection::{Connection, InstrumentationEvent};
     use diesel::prelude::*;
     use std::sync::{Arc, Mutex};
 
@@ -151,7 +156,7 @@ mod tests {
             .values(row("rolled back"))
             .execute(&mut conn)
             .unwrap();
-        rollback(&mut conn).unwrap();
+        <DbConnection as Connection>::TransactionManager::rollback_transaction(&mut conn).unwrap();
         let mut names: Vec<String> = job_runs::table
             .select(job_runs::name)
             .load(&mut conn)
