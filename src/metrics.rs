@@ -126,9 +126,9 @@ impl Metrics {
         }
     }
 
-    /// Adds the database writer's counters (batches committed, writes carried).
+    /// Adds the database writer's counters (batches committed, writes carried, WAL syncs on SQLite).
     pub fn register_db(&self, db: &crate::db::Db) {
-        for c in [&db.stats.batches, &db.stats.writes] {
+        for c in [&db.stats.batches, &db.stats.writes, &db.stats.syncs] {
             // Registered once per process; a second state over the same database (tests) keeps the first.
             let _ = self.registry.register(Box::new(c.clone()));
         }

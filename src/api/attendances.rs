@@ -127,7 +127,9 @@ pub async fn create(
         let (s, a) = (s.clone(), a.clone());
         if let Some(existing) = state
             .db
-            .read(move |conn| Ok::<_, ApiError>(AttendanceRow::find_by_source(conn, &s, &a)?))
+            .read_before_write(move |conn| {
+                Ok::<_, ApiError>(AttendanceRow::find_by_source(conn, &s, &a)?)
+            })
             .await?
         {
             return repeat(&state, actor, existing).await;

@@ -2,6 +2,7 @@
 //! helpers that run every query on the blocking pool. SQL that differs by backend lives only in this module.
 
 pub mod deferred;
+mod durable;
 pub mod models;
 mod pcache;
 pub mod schema;
@@ -45,6 +46,17 @@ pub enum DbError {
     Task(#[from] tokio::task::JoinError),
 }
 
+impl DbError {
+    /// The same failure told again, to each write of a batch that failed as a whole.
+    fn restated(&self) -> Self {
+        match self {
+            DbError::Unavailable(why) => DbError::Unavailable(why.clone()),
+            DbError::Migration(why) => DbError::Migration(why.clone()),
+            other => DbError::Migration(other.to_string()),
+        }
+    }
+}
+
 impl From<diesel::result::Error> for DbError {
     fn from(e: diesel::result::Error) -> Self {
         DbError::Query(e)
@@ -81,7 +93,8 @@ impl ManageConnection for Manager {
             DatabaseKind::Sqlite { path } => {
                 let mut conn = SqliteConnection::establish(&path.to_string_lossy())
                     .map_err(r2d2::Error::ConnectionError)?;
-                // WAL lets readers run beside the writer; FULL makes each commit durable before it is answered.
+                // WAL lets readers run beside the writer; FULL makes each commit durable before it is visible (the
+                // group-commit writer's own connection commits with NORMAL instead, and is synced apart: [`durable`]).
                 // Statement journals (a savepoint's undo) and temporary results stay in memory, not temporary files.
                 conn.batch_execute(
                     "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
@@ -222,6 +235,8 @@ pub struct Db {
     _checkpointer: Option<std::sync::mpsc::SyncSender<()>>,
     /// What the writer has committed, for the metrics.
     pub stats: WriterStats,
+    /// On SQLite, how far the writer's commits are synced ([`durable`]): reads answered alone wait for it.
+    durable: Option<Arc<durable::Durable>>,
     /// Tells this handle's per-thread read connections from another database's in the same process.
     id: u64,
 }
@@ -233,6 +248,9 @@ pub struct WriterStats {
     pub batches: prometheus::IntCounter,
     /// Writes those transactions carried.
     pub writes: prometheus::IntCounter,
+    /// Syncs of SQLite's WAL that made the writer's commits durable ([`durable`]), each covering every batch
+    /// committed before it began.
+    pub syncs: prometheus::IntCounter,
 }
 
 impl WriterStats {
@@ -248,6 +266,10 @@ impl WriterStats {
                 "db_writes_total",
                 "Writes carried by the group-commit writer's transactions",
             ),
+            syncs: counter(
+                "db_wal_syncs_total",
+                "Syncs of the SQLite WAL that made the writer's commits durable",
+            ),
         }
     }
 }
@@ -262,8 +284,8 @@ thread_local! {
 
 /// A write waiting for the group-commit writer: it runs inside the batch's transaction (in its own savepoint),
 /// and learns after the commit whether it stands.
-/// Told after the batch's commit whether it failed.
-pub type Completion = Box<dyn FnOnce(Option<&diesel::result::Error>) + Send>;
+/// Told once the batch's commit is durable, or why it does not stand.
+pub type Completion = Box<dyn FnOnce(Option<&DbError>) + Send>;
 
 pub trait WriteJob: Send {
     fn run(self: Box<Self>, conn: &mut DbConnection) -> Completion;
@@ -307,7 +329,7 @@ where
         Box::new(move |commit_error| {
             let result = match commit_error {
                 None => result,
-                Some(e) => Err(E::from(batch_failure(e))),
+                Some(e) => Err(E::from(e.restated())),
             };
             let _ = reply.send(result);
         })
@@ -383,13 +405,20 @@ where
     }
 }
 
+/// On SQLite, what the writer hands its committed batches to ([`durable`]).
+type Syncer = (
+    Arc<durable::Durable>,
+    std::sync::mpsc::Sender<durable::Committed>,
+);
+
 fn writer_loop(
     manager: Manager,
-    sqlite: bool,
+    syncer: Option<Syncer>,
     write_lock: Arc<Mutex<()>>,
     jobs: std::sync::mpsc::Receiver<Box<dyn WriteJob>>,
     stats: WriterStats,
 ) {
+    let sqlite = syncer.is_some();
     // The writer keeps one connection of its own: its page cache stays warm (no other connection commits to
     // SQLite in between, so the cache is never invalidated), and no pool checkout is paid per batch.
     let mut own: Option<DbConnection> = None;
@@ -405,7 +434,7 @@ fn writer_loop(
             .take()
             .and_then(|mut c| still_linked(&mut c).then_some(c))
             .map(Ok)
-            .unwrap_or_else(|| writer_connection(&manager))
+            .unwrap_or_else(|| writer_connection(&manager, sqlite))
         {
             Ok(c) => own.insert(c),
             Err(e) => {
@@ -416,6 +445,7 @@ fn writer_loop(
             }
         };
         let _guard = sqlite.then(|| write_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut number = None;
         stats.batches.inc();
         stats.writes.inc_by(batch.len() as u64);
         let mut completions = Vec::with_capacity(batch.len());
@@ -429,33 +459,62 @@ fn writer_loop(
                     completions.push(job.run(c));
                 }
                 deferred::flush(c)?;
-                crate::audit::end_batch(c)
+                crate::audit::end_batch(c)?;
+                // Numbered just before its commit: a read that sees the commit ends after this.
+                number = syncer.as_ref().map(|(d, _)| d.next_commit());
+                Ok(())
             })
         }));
         crate::audit::abandon_batch();
         deferred::abandon();
+        drop(_guard);
+        let mut to_sync = Vec::new();
         match committed {
             Ok(result) => {
-                let error = result.err();
+                let error = result.err().map(|e| batch_failure(&e));
                 // A batch that failed as a whole (its commit, a lost connection) starts the next on a new one.
                 if error.is_some() || manager.has_broken(conn) {
                     own = None;
                 }
-                for complete in completions {
-                    complete(error.as_ref());
+                match (&error, &syncer) {
+                    // Committed on SQLite: answered once the syncer has synced the WAL.
+                    (None, Some(_)) => to_sync = completions,
+                    _ => {
+                        for complete in completions {
+                            complete(error.as_ref());
+                        }
+                    }
                 }
                 // Writes the transaction never reached (it could not begin: the connection was lost) fail
                 // with its error rather than being dropped unanswered.
                 for job in batch.drain(..) {
                     job.fail(error.as_ref().map_or_else(
                         || DbError::Migration("the batch's transaction could not begin".into()),
-                        batch_failure,
+                        DbError::restated,
                     ));
                 }
             }
             Err(_) => {
                 own = None;
                 tracing::error!("a write panicked; its batch was rolled back and its callers told")
+            }
+        }
+        // Every number taken goes to the syncer, whether or not its commit succeeded, so that no read waits on
+        // it for ever.
+        if let (Some((_, to_syncer)), Some(number)) = (&syncer, number) {
+            let batch = durable::Committed {
+                number,
+                completions: to_sync,
+            };
+            if let Err(lost) = to_syncer.send(batch) {
+                // The syncer has stopped (it cannot, short of a panic): fail rather than leave writes unanswered.
+                tracing::error!(
+                    "the WAL syncer has stopped; the batch's writes are answered as failed"
+                );
+                let why = DbError::Unavailable("the WAL syncer has stopped".into());
+                for complete in lost.0.completions {
+                    complete(Some(&why));
+                }
             }
         }
     }
@@ -487,12 +546,18 @@ const LONG_WRITE_CHECKPOINT: &str =
     "PRAGMA wal_checkpoint(PASSIVE); PRAGMA wal_autocheckpoint = 0;";
 
 /// The writer's own connection: a [`writing_connection`], with checkpointing left to [`checkpointer_loop`]
-/// until the WAL reaches [`WRITER_AUTOCHECKPOINT`].
-fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
+/// until the WAL reaches [`WRITER_AUTOCHECKPOINT`], and its commits synced by the syncer ([`durable`]), not by
+/// SQLite in the commit (`synchronous = NORMAL`). Only the writer's connection commits that way, and only
+/// because its answers wait for the syncer.
+fn writer_connection(manager: &Manager, synced_apart: bool) -> Result<DbConnection, r2d2::Error> {
     let mut conn = writing_connection(manager)?;
     if let DbConnection::Sqlite(c) = &mut conn {
         c.batch_execute(WRITER_AUTOCHECKPOINT)
             .map_err(r2d2::Error::QueryError)?;
+        if synced_apart {
+            c.batch_execute("PRAGMA synchronous = NORMAL;")
+                .map_err(r2d2::Error::QueryError)?;
+        }
     }
     Ok(conn)
 }
@@ -528,10 +593,17 @@ struct CheckpointResult {
 }
 
 /// Flushes the pages a passive checkpoint copied into the database file to disk, so that the restart's own sync
-/// has only the few it copies itself.
-fn sync_database(path: &std::path::Path) {
-    if let Err(e) = std::fs::File::open(path).and_then(|f| f.sync_data()) {
-        tracing::debug!(error = %e, "could not sync the database file before a restart");
+/// has only the few it copies itself. Through SQLite's own handle on the file ([`durable::Files`]): closing a
+/// descriptor opened beside SQLite's would drop the process's locks on the database.
+fn sync_database(files: &mut Option<durable::Files>, path: &std::path::Path) {
+    let synced = match files.take() {
+        Some(f) => Ok(f),
+        None => durable::Files::open(path),
+    }
+    .and_then(|f| f.sync_database().map(|()| f));
+    match synced {
+        Ok(f) => *files = Some(f),
+        Err(e) => tracing::debug!(error = %e, "could not sync the database file before a restart"),
     }
 }
 
@@ -566,6 +638,7 @@ fn checkpointer_loop(
         return;
     };
     let mut conn: Option<SqliteConnection> = None;
+    let mut files: Option<durable::Files> = None;
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
     {
         if conn.is_none() {
@@ -584,7 +657,7 @@ fn checkpointer_loop(
             // Each catching-up pass copies what was committed during the one before, fewer pages each time.
             let mut copied = done.checkpointed;
             for _ in 0..CATCH_UP_PASSES {
-                sync_database(path);
+                sync_database(&mut files, path);
                 let again = checkpoint(c, "PASSIVE")?;
                 let fresh = again.checkpointed - copied;
                 copied = again.checkpointed;
@@ -592,7 +665,7 @@ fn checkpointer_loop(
                     break;
                 }
             }
-            sync_database(path);
+            sync_database(&mut files, path);
             let _guard = write_lock.lock().unwrap_or_else(|p| p.into_inner());
             checkpoint(c, "RESTART").map(drop)
         });
@@ -629,15 +702,21 @@ impl Db {
         let write_lock = Arc::new(Mutex::new(()));
         let (writer, jobs) = std::sync::mpsc::sync_channel(4 * MAX_BATCH);
         let stats = WriterStats::new();
-        let (m, sqlite, lock, counts) = (
-            manager.clone(),
-            matches!(kind, DatabaseKind::Sqlite { .. }),
-            write_lock.clone(),
-            stats.clone(),
-        );
+        let syncer = match &kind {
+            DatabaseKind::Sqlite { path } => {
+                let durable = Arc::new(durable::Durable::new());
+                let to_sync = durable::spawn(durable.clone(), path.clone(), stats.syncs.clone())
+                    .map_err(|e| DbError::Migration(format!("cannot start the WAL syncer: {e}")))?;
+                Some((durable, to_sync))
+            }
+            DatabaseKind::Postgres => None,
+        };
+        let durable = syncer.as_ref().map(|(d, _)| d.clone());
+        let sqlite = syncer.is_some();
+        let (m, lock, counts) = (manager.clone(), write_lock.clone(), stats.clone());
         std::thread::Builder::new()
             .name("cpis-db-writer".into())
-            .spawn(move || writer_loop(m, sqlite, lock, jobs, counts))
+            .spawn(move || writer_loop(m, syncer, lock, jobs, counts))
             .map_err(|e| DbError::Migration(format!("cannot start the database writer: {e}")))?;
         let checkpointer = if sqlite {
             let (keep, stop) = std::sync::mpsc::sync_channel(0);
@@ -660,6 +739,7 @@ impl Db {
             manager,
             _checkpointer: checkpointer,
             stats,
+            durable,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
@@ -676,8 +756,22 @@ impl Db {
         }
     }
 
-    /// Runs `f` with a pooled connection on the blocking pool, inside the caller's tracing span.
+    /// Runs `f` with a pooled connection on the blocking pool, inside the caller's tracing span. Its result comes
+    /// once what it could have read is durable ([`Db::settle`]).
     pub async fn run<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let result = self.run_before_write(f).await;
+        self.settle().await;
+        result
+    }
+
+    /// [`Db::run`] without the wait, for a caller that answers only after a write of its own
+    /// ([`Db::read_before_write`]).
+    pub(crate) async fn run_before_write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
@@ -698,15 +792,39 @@ impl Db {
     /// Runs a short read (indexed lookups, no scans). On SQLite it runs at once, on this thread's own read
     /// connection: an indexed read in-process takes microseconds, less than handing it to another thread and
     /// back, which the profile of a loaded server showed as its largest cost. WAL readers never wait for the
-    /// writer. On PostgreSQL, where every query is a network round trip, it runs on the blocking pool.
+    /// writer. On PostgreSQL, where every query is a network round trip, it runs on the blocking pool. Its
+    /// result comes once what it could have read is durable ([`Db::settle`]).
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<DbError> + Send + 'static,
     {
+        let result = self.read_before_write(f).await;
+        self.settle().await;
+        result
+    }
+
+    /// Waits until every write committed before now is durable. On SQLite a commit is visible to readers a little
+    /// before its WAL is synced ([`durable`]), so a result read alone waits for that sync before it is answered;
+    /// on PostgreSQL a commit is durable before it is visible, and this returns at once.
+    pub async fn settle(&self) {
+        if let Some(durable) = &self.durable {
+            durable.settle().await;
+        }
+    }
+
+    /// [`Db::read`] without the wait for durability, for a caller that answers only after a write of its own:
+    /// that write's answer waits for a sync, which covers every commit before it, and so whatever this read saw.
+    /// The flag check and the attendance read this way (`mpi::resolve_then`).
+    pub(crate) async fn read_before_write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
         if !self.is_sqlite() {
-            return self.run(f).await;
+            return self.run_before_write(f).await;
         }
         let taken = READERS.with(|r| {
             let mut r = r.borrow_mut();
@@ -1500,6 +1618,21 @@ pub(crate) mod tests {
         row.cache_size
     }
 
+    #[derive(QueryableByName)]
+    struct Synchronous {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        synchronous: i64,
+    }
+
+    /// A SQLite connection's `synchronous` setting: 1 is NORMAL, 2 is FULL.
+    fn synchronous(conn: &mut super::DbConnection) -> i64 {
+        let row: Synchronous =
+            crate::on_backend!(conn, |c| diesel::sql_query("PRAGMA synchronous")
+                .get_result(c))
+            .unwrap();
+        row.synchronous
+    }
+
     /// How many WAL frames a SQLite connection lets the WAL reach before it checkpoints in its commit.
     fn wal_autocheckpoint(conn: &mut super::DbConnection) -> i64 {
         let row: WalAutocheckpoint =
@@ -1693,8 +1826,12 @@ pub(crate) mod tests {
     /// checkpointer until the WAL reaches 128 MiB; a pooled connection has SQLite's defaults.
     #[tokio::test]
     async fn the_writer_has_a_large_cache_and_checkpoints_itself_only_past_128_mib_of_wal() {
-        fn settings(conn: &mut super::DbConnection) -> (i64, i64) {
-            (cache_size(conn), wal_autocheckpoint(conn))
+        fn settings(conn: &mut super::DbConnection) -> (i64, i64, i64) {
+            (
+                cache_size(conn),
+                wal_autocheckpoint(conn),
+                synchronous(conn),
+            )
         }
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
@@ -1704,8 +1841,122 @@ pub(crate) mod tests {
             .write(|conn| Ok::<_, super::DbError>(settings(conn)))
             .await
             .unwrap();
-        assert_eq!(writer, (-65536, 32768));
-        assert_eq!(settings(&mut db.get().unwrap()), (-2000, 1000));
+        // The writer's commits are synced apart ([`super::durable`]); every other connection syncs its own.
+        assert_eq!(writer, (-65536, 32768, 1));
+        assert_eq!(settings(&mut db.get().unwrap()), (-2000, 1000, 2));
+        let long = db
+            .write_blocking(|conn| Ok::<_, super::DbError>(settings(conn)))
+            .unwrap();
+        assert_eq!(long, (-65536, 0, 2));
+    }
+
+    /// Each write through the group-commit writer is answered only once a sync of the WAL that began after its
+    /// batch committed has returned, on SQLite, where the writer itself does not sync.
+    #[tokio::test]
+    async fn a_write_is_answered_only_once_the_wal_holding_its_commit_is_synced() {
+        use super::schema::job_runs;
+        use diesel::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
+        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
+        db.migrate().unwrap();
+        let durable = db.durable.clone().expect("SQLite syncs apart");
+        let mut writes = Vec::new();
+        for i in 0..200 {
+            let (db, d, inside) = (db.clone(), durable.clone(), durable.clone());
+            writes.push(tokio::spawn(async move {
+                let batch = db
+                    .write(move |conn| {
+                        let at = chrono::Utc::now().naive_utc();
+                        crate::on_backend!(conn, |c| diesel::insert_into(job_runs::table)
+                            .values((
+                                job_runs::name.eq(format!("sync-{i:03}")),
+                                job_runs::last_tick.eq(at)
+                            ))
+                            .execute(c))?;
+                        // Inside the batch: its commit takes the next number.
+                        Ok::<_, super::DbError>(inside.numbered() + 1)
+                    })
+                    .await
+                    .unwrap();
+                assert!(
+                    d.synced() >= batch,
+                    "answered before batch {batch} was synced"
+                );
+            }));
+        }
+        for w in writes {
+            w.await.unwrap();
+        }
+        assert!(db.stats.syncs.get() >= 1);
+        assert!(db.stats.syncs.get() <= db.stats.batches.get());
+        let count = db
+            .read(|conn| {
+                let n: i64 = crate::on_backend!(conn, |c| job_runs::table
+                    .filter(job_runs::name.like("sync-%"))
+                    .count()
+                    .get_result(c))?;
+                Ok::<_, super::DbError>(n)
+            })
+            .await
+            .unwrap();
+        assert_eq!(count, 200);
+    }
+
+    /// While the WAL's sync is held back, a committed write is visible to a read made before a write of the
+    /// reader's own, but neither the write nor a read answered alone is answered; both are once the sync runs.
+    #[tokio::test]
+    async fn until_the_wal_is_synced_neither_the_write_nor_a_read_of_it_answered_alone_is_answered()
+    {
+        use super::schema::job_runs;
+        use diesel::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cpis.db");
+        let url = format!("sqlite://{}", path.display());
+        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
+        db.migrate().unwrap();
+        let count = |conn: &mut super::DbConnection| {
+            let n: i64 = crate::on_backend!(conn, |c| job_runs::table.count().get_result(c))?;
+            Ok::<_, super::DbError>(n)
+        };
+        let held = super::durable::Hold::new(&path);
+        let write = tokio::spawn({
+            let db = db.clone();
+            async move {
+                let at = chrono::Utc::now().naive_utc();
+                db.write(move |conn| {
+                    crate::on_backend!(conn, |c| diesel::insert_into(job_runs::table)
+                        .values((job_runs::name.eq("held"), job_runs::last_tick.eq(at)))
+                        .execute(c))
+                    .map_err(super::DbError::from)
+                })
+                .await
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while db.read_before_write(count).await.unwrap() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the write never committed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let read = tokio::spawn({
+            let db = db.clone();
+            async move { db.read(count).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !write.is_finished(),
+            "the write was answered before its sync"
+        );
+        assert!(
+            !read.is_finished(),
+            "a read of it was answered before its sync"
+        );
+        drop(held);
+        write.await.unwrap().unwrap();
+        assert_eq!(read.await.unwrap().unwrap(), 1);
     }
 
     /// Under steady writes with a reader always busy beside them, the checkpointer makes the WAL start over
@@ -1765,6 +2016,13 @@ pub(crate) mod tests {
             wal < writes as u64 * 4096 / 2,
             "WAL of {wal} bytes after {writes} writes"
         );
+        // Syncing the database file beside SQLite (before each restart) and the WAL (after each commit) must not
+        // close a descriptor of SQLite's files: POSIX drops every lock the process holds on a file when any of
+        // its descriptors closes, and another process could then take the database and remove the live WAL.
+        assert!(
+            holds_a_lock_on(&path),
+            "the process no longer holds its shared lock on the database file"
+        );
         let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
         assert_eq!(
             job_runs::table
@@ -1774,6 +2032,23 @@ pub(crate) mod tests {
             writes
         );
         super::assert_sound(&mut conn);
+    }
+
+    /// Whether this process holds a POSIX lock on the file at `path` (`/proc/locks`).
+    fn holds_a_lock_on(path: &std::path::Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(path).unwrap().ino().to_string();
+        let pid = std::process::id().to_string();
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .any(|f| {
+                f.len() >= 6
+                    && f[1] == "POSIX"
+                    && f[4] == pid
+                    && f[5].rsplit(':').next() == Some(inode.as_str())
+            })
     }
 
     /// A migrated SQLite database in memory.

@@ -208,7 +208,9 @@ pub trait Mpi: Send + Sync {
 
 /// Resolves `query` and runs `then` with the outcome. When the built-in MPI answers the query, resolution and
 /// `then` share one read on one connection (on SQLite, at once on this thread; a demographic search, which scans
-/// candidates, on the blocking pool); otherwise the MPI is asked first and `then` reads afterwards.
+/// candidates, on the blocking pool); otherwise the MPI is asked first and `then` reads afterwards. Its callers
+/// (the flag check, the attendance) answer only after a write of their own, so the read does not wait for the
+/// writer's commits to be synced ([`crate::db::Db::read_before_write`]).
 pub async fn resolve_then<T, E, F>(
     mpi: &dyn Mpi,
     db: &crate::db::Db,
@@ -231,14 +233,14 @@ where
                 then(conn, resolved)
             };
             if query.demographics.is_some() {
-                db.run(job).await
+                db.run_before_write(job).await
             } else {
-                db.read(job).await
+                db.read_before_write(job).await
             }
         }
         None => {
             let resolved = mpi.resolve(query).await;
-            db.read(move |conn| then(conn, resolved)).await
+            db.read_before_write(move |conn| then(conn, resolved)).await
         }
     }
 }

@@ -114,6 +114,14 @@ async fn metrics_change_as_requests_are_made() {
             (1.0..=writes).contains(&batches),
             "{batches} commits for {writes} writes"
         );
+        // On SQLite their answers waited for syncs of the WAL made beside the writer; PostgreSQL's commits are
+        // durable by themselves.
+        let syncs =
+            sample(&after, "cpis_db_wal_syncs_total") - sample(&before, "cpis_db_wal_syncs_total");
+        match backend {
+            Backend::Sqlite => assert!(syncs >= 1.0, "{after}"),
+            Backend::Postgres => assert_eq!(syncs, 0.0, "{after}"),
+        }
         assert!(!after.contains("9434765919"));
     }
 }
