@@ -198,6 +198,22 @@ impl Files {
     }
 }
 
+/// Runs `sync` on the files kept in `kept`, opening them first when there are none. After a failure they are
+/// dropped, to be opened again next time.
+pub fn with_files(
+    kept: &mut Option<Files>,
+    database: &std::path::Path,
+    sync: impl FnOnce(&Files) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let files = match kept.take() {
+        Some(f) => f,
+        None => Files::open(database)?,
+    };
+    sync(&files)?;
+    *kept = Some(files);
+    Ok(())
+}
+
 impl Drop for Files {
     fn drop(&mut self) {
         // SAFETY: the connection (possibly one that failed to open) is closed once; it has no statements.
@@ -266,15 +282,7 @@ pub fn spawn(
     let (to_sync, batches) = std::sync::mpsc::channel();
     // Opened at the first sync (the database has been migrated by then), and again after a failure.
     let mut files: Option<Files> = None;
-    let sync = move || {
-        let opened = match files.take() {
-            Some(f) => f,
-            None => Files::open(&database)?,
-        };
-        opened.sync_wal()?;
-        files = Some(opened);
-        Ok(())
-    };
+    let sync = move || with_files(&mut files, &database, Files::sync_wal);
     std::thread::Builder::new()
         .name("cpis-db-sync".into())
         .spawn(move || syncer_loop(&durable, sync, batches, &syncs))?;

@@ -596,14 +596,8 @@ struct CheckpointResult {
 /// has only the few it copies itself. Through SQLite's own handle on the file ([`durable::Files`]): closing a
 /// descriptor opened beside SQLite's would drop the process's locks on the database.
 fn sync_database(files: &mut Option<durable::Files>, path: &std::path::Path) {
-    let synced = match files.take() {
-        Some(f) => Ok(f),
-        None => durable::Files::open(path),
-    }
-    .and_then(|f| f.sync_database().map(|()| f));
-    match synced {
-        Ok(f) => *files = Some(f),
-        Err(e) => tracing::debug!(error = %e, "could not sync the database file before a restart"),
+    if let Err(e) = durable::with_files(files, path, durable::Files::sync_database) {
+        tracing::debug!(error = %e, "could not sync the database file before a restart");
     }
 }
 
