@@ -133,7 +133,7 @@ impl Files {
             #[cfg(test)]
             path: path.to_path_buf(),
         };
-        files.check(rc)?;
+        check(rc)?;
         // SAFETY: an open connection; the SQL is NUL-terminated and has no callback.
         let rc = unsafe {
             ffi::sqlite3_busy_timeout(db, 10_000);
@@ -145,20 +145,8 @@ impl Files {
                 std::ptr::null_mut(),
             )
         };
-        files.check(rc)?;
+        check(rc)?;
         Ok(files)
-    }
-
-    fn check(&self, rc: std::ffi::c_int) -> std::io::Result<()> {
-        if rc == ffi::SQLITE_OK {
-            return Ok(());
-        }
-        // SAFETY: sqlite3_errstr returns a static string for any code.
-        let why = unsafe { std::ffi::CStr::from_ptr(ffi::sqlite3_errstr(rc)) };
-        Err(std::io::Error::other(format!(
-            "SQLite error {rc}: {}",
-            why.to_string_lossy()
-        )))
     }
 
     /// Syncs the file SQLite gives for `op` (a file-pointer control).
@@ -173,14 +161,14 @@ impl Files {
                 &mut file as *mut *mut ffi::sqlite3_file as *mut std::ffi::c_void,
             )
         };
-        self.check(rc)?;
+        check(rc)?;
         // SAFETY: SQLite's own open file (or one never opened, whose methods are null), owned by this connection.
         let sync = unsafe { file.as_ref() }
             .and_then(|f| unsafe { f.pMethods.as_ref() })
             .and_then(|m| m.xSync)
             .ok_or_else(|| std::io::Error::other("SQLite has no such file open"))?;
         // SAFETY: as above; a normal sync, as SQLite's own commits and checkpoints make.
-        self.check(unsafe { sync(file, ffi::SQLITE_SYNC_NORMAL) })
+        check(unsafe { sync(file, ffi::SQLITE_SYNC_NORMAL) })
     }
 
     /// Syncs the WAL: every commit written to it before this call is durable when it returns.
@@ -196,6 +184,19 @@ impl Files {
     pub fn sync_database(&self) -> std::io::Result<()> {
         self.sync(ffi::SQLITE_FCNTL_FILE_POINTER)
     }
+}
+
+/// A SQLite result code as an I/O result.
+fn check(rc: std::ffi::c_int) -> std::io::Result<()> {
+    if rc == ffi::SQLITE_OK {
+        return Ok(());
+    }
+    // SAFETY: sqlite3_errstr returns a static string for any code.
+    let why = unsafe { std::ffi::CStr::from_ptr(ffi::sqlite3_errstr(rc)) };
+    Err(std::io::Error::other(format!(
+        "SQLite error {rc}: {}",
+        why.to_string_lossy()
+    )))
 }
 
 /// Runs `sync` on the files kept in `kept`, opening them first when there are none. After a failure they are
@@ -324,6 +325,16 @@ mod tests {
         (durable, to_sync, go, syncer)
     }
 
+    /// Hands the syncer a batch, as the writer does after a commit.
+    fn hand(to_sync: &Sender<Committed>, number: u64, completions: Vec<Completion>) {
+        to_sync
+            .send(Committed {
+                number,
+                completions,
+            })
+            .unwrap();
+    }
+
     fn wait_for(answers: &Answers, count: usize) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while answers.lock().unwrap().len() < count {
@@ -337,12 +348,7 @@ mod tests {
         let (durable, to_sync, go, syncer) = gated();
         let answers: Answers = Arc::default();
         let first = durable.next_commit();
-        to_sync
-            .send(Committed {
-                number: first,
-                completions: vec![answered(&answers, 1)],
-            })
-            .unwrap();
+        hand(&to_sync, first, vec![answered(&answers, 1)]);
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(
             answers.lock().unwrap().is_empty(),
@@ -351,12 +357,7 @@ mod tests {
         // Two more batches commit while the first sync is in progress (the syncer has taken the first).
         let (second, third) = (durable.next_commit(), durable.next_commit());
         for (number, id) in [(second, 2), (third, 3)] {
-            to_sync
-                .send(Committed {
-                    number,
-                    completions: vec![answered(&answers, id)],
-                })
-                .unwrap();
+            hand(&to_sync, number, vec![answered(&answers, id)]);
         }
         go.send(Ok(())).unwrap();
         wait_for(&answers, 1);
@@ -379,12 +380,11 @@ mod tests {
         let (durable, to_sync, go, syncer) = gated();
         let answers: Answers = Arc::default();
         let number = durable.next_commit();
-        to_sync
-            .send(Committed {
-                number,
-                completions: vec![answered(&answers, 1), answered(&answers, 2)],
-            })
-            .unwrap();
+        hand(
+            &to_sync,
+            number,
+            vec![answered(&answers, 1), answered(&answers, 2)],
+        );
         go.send(Err(std::io::Error::other("disk gone"))).unwrap();
         wait_for(&answers, 2);
         let answers = answers.lock().unwrap().clone();
@@ -414,12 +414,7 @@ mod tests {
         assert!(!settled.is_finished(), "settled before the sync");
         // A commit numbered after the read ended is not waited for.
         let later = durable.next_commit();
-        to_sync
-            .send(Committed {
-                number,
-                completions: Vec::new(),
-            })
-            .unwrap();
+        hand(&to_sync, number, Vec::new());
         go.send(Ok(())).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), settled)
             .await

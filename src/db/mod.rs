@@ -434,7 +434,7 @@ fn writer_loop(
             .take()
             .and_then(|mut c| still_linked(&mut c).then_some(c))
             .map(Ok)
-            .unwrap_or_else(|| writer_connection(&manager, sqlite))
+            .unwrap_or_else(|| writer_connection(&manager))
         {
             Ok(c) => own.insert(c),
             Err(e) => {
@@ -549,14 +549,11 @@ const LONG_WRITE_CHECKPOINT: &str =
 /// until the WAL reaches [`WRITER_AUTOCHECKPOINT`], and its commits synced by the syncer ([`durable`]), not by
 /// SQLite in the commit (`synchronous = NORMAL`). Only the writer's connection commits that way, and only
 /// because its answers wait for the syncer.
-fn writer_connection(manager: &Manager, synced_apart: bool) -> Result<DbConnection, r2d2::Error> {
+fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
     let mut conn = writing_connection(manager)?;
     if let DbConnection::Sqlite(c) = &mut conn {
-        c.batch_execute(WRITER_AUTOCHECKPOINT)
-            .map_err(r2d2::Error::QueryError)?;
-        if synced_apart {
-            c.batch_execute("PRAGMA synchronous = NORMAL;")
-                .map_err(r2d2::Error::QueryError)?;
+        for setting in [WRITER_AUTOCHECKPOINT, "PRAGMA synchronous = NORMAL;"] {
+            c.batch_execute(setting).map_err(r2d2::Error::QueryError)?;
         }
     }
     Ok(conn)
