@@ -163,3 +163,39 @@ async fn when_postgresql_ends_every_session_at_most_one_check_is_refused_with_50
         assert_eq!(ready.status, 200, "{ready:?}");
     }
 }
+
+/// The server's memory comes in 4 KiB pages once it has started: with transparent huge pages, each fault in
+/// memory the allocator had given back took a whole 2 MiB page, zeroed, and the resident set held what was
+/// never used (BENCHMARKS.md, change 53). The allocator's first pages are taken before `main` runs, so the
+/// check is that serving takes no huge page beyond those.
+#[tokio::test]
+async fn the_server_takes_no_transparent_huge_pages_while_it_serves() {
+    let db = TestDb::new(Backend::Sqlite);
+    let mut served = serve(&db, &[]);
+    let pid = served.child.id();
+    let read = |file: &str, name: &str| {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let before = read("smaps_rollup", "AnonHugePages:");
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        let ready = client
+            .get(format!("{}/health/ready", served.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200);
+    }
+    let (enabled, after) = (
+        read("status", "THP_enabled:"),
+        read("smaps_rollup", "AnonHugePages:"),
+    );
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+    assert_eq!(enabled, "0");
+    assert_eq!(after, before, "huge pages taken while serving");
+}
