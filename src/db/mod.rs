@@ -282,6 +282,31 @@ thread_local! {
     static READERS: std::cell::RefCell<Vec<(u64, DbConnection)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Asks the group-commit writer to free its connection's page cache before a long write takes the write lock:
+/// the long write's cache of [`LONG_WRITE_CACHE`] then takes the place of the writer's 64 MiB rather than
+/// coming on top of it, and the server's resident set during an import stays where it was. The pages are freed
+/// on the writer's own thread and handed back to the system there (mimalloc returns a thread's free pages when
+/// that thread collects). The writer reads its pages back from the operating system's cache as it needs them.
+struct ReleaseCache(std::sync::mpsc::SyncSender<()>);
+
+impl WriteJob for ReleaseCache {
+    fn run(self: Box<Self>, conn: &mut DbConnection) -> Completion {
+        if let DbConnection::Sqlite(c) = conn {
+            // Frees every page not in use; within the batch's transaction no page is dirty yet but those of
+            // the writes before this one, which stay.
+            let _ = c.batch_execute("PRAGMA shrink_memory;");
+            // SAFETY: mi_collect takes a flag and only returns memory that is already free.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
+        let _ = self.0.send(());
+        Box::new(|_| {})
+    }
+
+    fn fail(self: Box<Self>, _why: DbError) {
+        let _ = self.0.send(());
+    }
+}
+
 /// A write waiting for the group-commit writer: it runs inside the batch's transaction (in its own savepoint),
 /// and learns after the commit whether it stands.
 /// Told once the batch's commit is durable, or why it does not stand.
@@ -530,7 +555,7 @@ const WRITER_CACHE: &str = "PRAGMA cache_size = -65536;";
 const WRITER_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 32768;";
 
 /// A new connection for writing: on SQLite with a larger page cache than the readers' ([`WRITER_CACHE`]),
-/// since every write's index pages pass through it. Used by the writer and by [`Db::write_blocking`].
+/// since every write's index pages pass through it ([`writer_connection`]).
 fn writing_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
     let mut conn = manager.connect()?;
     if let DbConnection::Sqlite(c) = &mut conn {
@@ -539,6 +564,13 @@ fn writing_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
     }
     Ok(conn)
 }
+
+/// A long write's page cache: 128 MiB ([`Db::write_blocking`]). A bulk file's rows go into five indexes
+/// (the person's NHS number, name and postcode keys and birth date, the plan's NHS number) in random order, and
+/// at full size (1,200,000 persons) a 100,000-row file touches most of their leaves, about 250 MB. With 64 MiB,
+/// SQLite wrote dirty pages out to the WAL in the middle of the transaction and read pages back from the
+/// operating system, a fifth of the import (BENCHMARKS.md, change 54).
+const LONG_WRITE_CACHE: &str = "PRAGMA cache_size = -131072;";
 
 /// What a long write's connection does before it begins: copies the WAL left by the write before it into the
 /// database, and leaves its own commit's pages to the next one or to [`checkpointer_loop`].
@@ -928,30 +960,39 @@ impl Db {
             let mut conn = checkout(&self.pool)?;
             return write_transaction(&mut conn, f);
         }
+        // The writer's page cache makes way for the long write's, twice its size ([`ReleaseCache`]).
+        let (released, wait) = std::sync::mpsc::sync_channel(1);
+        if self.writer.send(Box::new(ReleaseCache(released))).is_ok() {
+            // Answered once the writer has freed its pages, or has failed to begin a batch.
+            let _ = wait.recv();
+        }
         let _guard = self
             .write_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // A long write (a bulk file, a CLI command) dirties more pages than a reader's cache holds; SQLite would
         // spill them to the WAL in the middle of the transaction and read them back. It runs on a connection of
-        // its own with the writer's cache, closed when it ends: a pooled connection given the large cache and
-        // then a small one again kept the memory (the server's resident set after a 100,000-row import was
-        // 35 MB higher at full size, and 70 to 140 MB on a small database, than with a connection that is
-        // closed).
-        let mut conn =
-            writing_connection(&self.manager).map_err(|e| DbError::Unavailable(e.to_string()))?;
+        // its own with a large cache ([`LONG_WRITE_CACHE`]), closed when it ends: a pooled connection given the
+        // large cache and then a small one again kept the memory (the server's resident set after a
+        // 100,000-row import was 35 MB higher at full size, and 70 to 140 MB on a small database, than with a
+        // connection that is closed).
+        let mut conn = self
+            .manager
+            .connect()
+            .map_err(|e| DbError::Unavailable(e.to_string()))?;
         // Its commit does not checkpoint: copying a bulk file's pages into the database (5% of an import) is
         // left to the checkpointer, after the answer. The next long write first copies what is left, so long
         // writes one after another (seeding the benchmark) do not let the WAL grow between them, which made the
         // flag checks after them run at two thirds of their rate.
         if let DbConnection::Sqlite(c) = &mut conn {
+            c.batch_execute(LONG_WRITE_CACHE)?;
             c.batch_execute(LONG_WRITE_CHECKPOINT)?;
         }
         let result = write_transaction(&mut conn, f);
         drop(conn);
-        // The connection's page cache (64 MiB) is freed on this thread, which may not allocate again for a
-        // while; mimalloc would keep the pages until it does. Giving them back now brought the server's
-        // resident set after a 100,000-row import from 269 to 295 MB down to 130 to 133 MB (300,000 persons).
+        // The connection's page cache is freed on this thread, which may not allocate again for a while;
+        // mimalloc would keep the pages until it does. Giving them back now brought the server's resident set
+        // after a 100,000-row import from 269 to 295 MB down to 130 to 133 MB (300,000 persons).
         // SAFETY: mi_collect takes a flag and only returns memory that is already free.
         unsafe { libmimalloc_sys::mi_collect(true) };
         result
@@ -1654,6 +1695,113 @@ pub(crate) mod tests {
         );
     }
 
+    /// Before a long write takes the write lock, the group-commit writer frees its page cache in a batch of its
+    /// own; the long write then runs, and the writer carries on with its connection afterwards.
+    #[tokio::test]
+    async fn a_long_write_first_has_the_writer_free_its_page_cache() {
+        use super::schema::job_runs;
+        use diesel::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
+        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
+        db.migrate().unwrap();
+        let at = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap();
+        let insert = move |name: &'static str| {
+            move |conn: &mut super::DbConnection| {
+                crate::on_backend!(conn, |c| diesel::insert_into(job_runs::table)
+                    .values((job_runs::name.eq(name), job_runs::last_tick.eq(at)))
+                    .execute(c))
+                .map_err(super::DbError::from)
+            }
+        };
+        db.write(insert("before")).await.unwrap();
+        let batches = db.stats.batches.get();
+        let inside = {
+            let db = db.clone();
+            tokio::task::spawn_blocking(move || {
+                db.write_blocking(|conn| {
+                    insert("long")(conn)?;
+                    Ok::<_, super::DbError>(db.stats.batches.get())
+                })
+            })
+            .await
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(
+            inside,
+            batches + 1,
+            "the writer ran one batch (the release) before the long write began"
+        );
+        db.write(insert("after")).await.unwrap();
+        let names: Vec<String> = db
+            .read(|conn| {
+                crate::on_backend!(conn, |c| job_runs::table
+                    .select(job_runs::name)
+                    .order(job_runs::name)
+                    .load(c))
+                .map_err(super::DbError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(names, ["after", "before", "long"]);
+    }
+
+    /// What the release relies on: inside a write transaction, before anything is written, `shrink_memory`
+    /// frees every page a connection's cache holds.
+    #[test]
+    fn shrink_memory_frees_a_connections_pages_inside_a_write_transaction() {
+        super::configure_sqlite();
+        let dir = tempfile::tempdir().unwrap();
+        let path = std::ffi::CString::new(dir.path().join("t.db").to_str().unwrap()).unwrap();
+        // SAFETY: plain use of the SQLite C API on a private database, every handle checked and closed.
+        unsafe {
+            let mut db = std::ptr::null_mut();
+            assert_eq!(ffi::sqlite3_open(path.as_ptr(), &mut db), ffi::SQLITE_OK);
+            let exec = |sql: &std::ffi::CStr| {
+                let rc = ffi::sqlite3_exec(
+                    db,
+                    sql.as_ptr(),
+                    None,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                );
+                assert_eq!(rc, ffi::SQLITE_OK, "{sql:?}");
+            };
+            let cache_used = || {
+                let (mut now, mut high) = (0, 0);
+                let rc = ffi::sqlite3_db_status(
+                    db,
+                    ffi::SQLITE_DBSTATUS_CACHE_USED,
+                    &mut now,
+                    &mut high,
+                    0,
+                );
+                assert_eq!(rc, ffi::SQLITE_OK);
+                now
+            };
+            exec(c"PRAGMA journal_mode = WAL; PRAGMA cache_size = -65536;");
+            exec(
+                c"CREATE TABLE t (a TEXT); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+                  WHERE i < 20000) INSERT INTO t SELECT printf('%0200d', i) FROM n;",
+            );
+            exec(c"SELECT count(*) FROM t WHERE a <> '';");
+            let full = cache_used();
+            assert!(full > 4 << 20, "the cache holds the table: {full} bytes");
+            exec(c"BEGIN IMMEDIATE; PRAGMA shrink_memory;");
+            let released = cache_used();
+            exec(c"COMMIT;");
+            assert!(
+                released < full / 10,
+                "{released} bytes left of {full} after shrink_memory"
+            );
+            ffi::sqlite3_close(db);
+        }
+    }
+
     /// Runs `sql` with `?1` bound to each of `limits` in turn, and answers how often SQLite re-prepared it.
     fn reprepares(limits: &[i64]) -> i32 {
         super::configure_sqlite();
@@ -1787,8 +1935,8 @@ pub(crate) mod tests {
         assert_eq!(stored, 1);
     }
 
-    /// A bulk file's transaction gets the writer's page cache on a connection of its own, so no pooled
-    /// connection is left holding 64 MiB of pages.
+    /// A bulk file's transaction gets a page cache twice the writer's on a connection of its own, so no pooled
+    /// connection is left holding 128 MiB of pages.
     #[test]
     fn a_long_write_gets_a_large_page_cache_on_its_own_connection() {
         let dir = tempfile::tempdir().unwrap();
@@ -1804,7 +1952,7 @@ pub(crate) mod tests {
                 Ok::<_, super::DbError>((cache_size(conn), pooled))
             })
             .unwrap();
-        assert_eq!(own, -65536, "the long write has the writer's page cache");
+        assert_eq!(own, -131072, "the long write has a cache of 128 MiB");
         assert_eq!(
             pooled, -2000,
             "a pooled connection keeps a reader's (SQLite's default)"
@@ -1838,7 +1986,7 @@ pub(crate) mod tests {
         let long = db
             .write_blocking(|conn| Ok::<_, super::DbError>(settings(conn)))
             .unwrap();
-        assert_eq!(long, (-65536, 0, 2));
+        assert_eq!(long, (-131072, 0, 2));
     }
 
     /// Each write through the group-commit writer is answered only once a sync of the WAL that began after its
