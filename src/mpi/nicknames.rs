@@ -87,18 +87,50 @@ const GROUPS: &[(&str, &[&str])] = &[
 ];
 
 /// The root of a normalised (upper-case) given name: itself when it has no known variants.
+///
+/// A lookup in a map built once from [`GROUPS`]: a scan of the groups compared about 200 strings for a name
+/// with no variants, most names, and was 3% of a bulk file's import through the person's name key.
 pub fn root(name: &str) -> &str {
-    for (root, variants) in GROUPS {
-        if *root == name || variants.contains(&name) {
-            return root;
+    static ROOTS: std::sync::OnceLock<std::collections::HashMap<&str, &str>> =
+        std::sync::OnceLock::new();
+    let roots = ROOTS.get_or_init(|| {
+        let mut roots = std::collections::HashMap::new();
+        // In the groups' order, the first group to name a variant keeps it, as the scan did.
+        for (root, variants) in GROUPS {
+            for name in std::iter::once(root).chain(variants.iter()) {
+                roots.entry(*name).or_insert(*root);
+            }
         }
-    }
-    name
+        roots
+    });
+    roots.get(name).copied().unwrap_or(name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first group to name a variant, in order, gives its root, a root being its own first variant.
+    fn scanned(name: &str) -> &str {
+        GROUPS
+            .iter()
+            .find(|(root, variants)| *root == name || variants.contains(&name))
+            .map_or(name, |(root, _)| root)
+    }
+
+    #[test]
+    fn every_listed_name_has_the_root_of_the_first_group_naming_it() {
+        let mut names = 0;
+        for (root, variants) in GROUPS {
+            for name in std::iter::once(root).chain(variants.iter()) {
+                assert_eq!(super::root(name), scanned(name), "{name}");
+                names += 1;
+            }
+        }
+        assert!(names > 150, "{names} names");
+        assert_eq!(super::root("ZEBEDEE"), "ZEBEDEE");
+        assert_eq!(super::root(""), "");
+    }
 
     #[test]
     fn variants_share_a_root() {
