@@ -287,6 +287,7 @@ thread_local! {
 /// coming on top of it, and the server's resident set during an import stays where it was. The pages are freed
 /// on the writer's own thread and handed back to the system there (mimalloc returns a thread's free pages when
 /// that thread collects). The writer reads its pages back from the operating system's cache as it needs them.
+/// The writer's metrics count it as a batch of one write.
 struct ReleaseCache(std::sync::mpsc::SyncSender<()>);
 
 impl WriteJob for ReleaseCache {
