@@ -1643,6 +1643,15 @@ pub(crate) mod tests {
         wal_autocheckpoint: i64,
     }
 
+    /// A migrated SQLite database in a temporary folder, with the folder (the database goes with it).
+    fn migrated_sqlite() -> (tempfile::TempDir, super::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
+        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
+        db.migrate().unwrap();
+        (dir, db)
+    }
+
     /// A SQLite connection's page cache setting (negative: KiB).
     fn cache_size(conn: &mut super::DbConnection) -> i64 {
         let row: CacheSize = crate::on_backend!(conn, |c| diesel::sql_query("PRAGMA cache_size")
@@ -1702,10 +1711,7 @@ pub(crate) mod tests {
     async fn a_long_write_first_has_the_writer_free_its_page_cache() {
         use super::schema::job_runs;
         use diesel::prelude::*;
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
-        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
-        db.migrate().unwrap();
+        let (_dir, db) = migrated_sqlite();
         let at = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
             .unwrap()
             .and_hms_opt(0, 0, 0)
@@ -1895,10 +1901,7 @@ pub(crate) mod tests {
     async fn a_batch_that_reads_then_writes_waits_for_a_write_lock_held_elsewhere() {
         use super::schema::{job_runs, organisations};
         use diesel::prelude::*;
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
-        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
-        db.migrate().unwrap();
+        let (dir, db) = migrated_sqlite();
         let (locked, go) = std::sync::mpsc::channel();
         let path = dir.path().join("cpis.db");
         let holder = std::thread::spawn(move || {
@@ -1973,10 +1976,7 @@ pub(crate) mod tests {
                 synchronous(conn),
             )
         }
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
-        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
-        db.migrate().unwrap();
+        let (_dir, db) = migrated_sqlite();
         let writer = db
             .write(|conn| Ok::<_, super::DbError>(settings(conn)))
             .await
@@ -1996,10 +1996,7 @@ pub(crate) mod tests {
     async fn a_write_is_answered_only_once_the_wal_holding_its_commit_is_synced() {
         use super::schema::job_runs;
         use diesel::prelude::*;
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("cpis.db").display());
-        let db = super::Db::connect(&crate::config::Settings::for_database(&url).database).unwrap();
-        db.migrate().unwrap();
+        let (_dir, db) = migrated_sqlite();
         let durable = db.durable.clone().expect("SQLite syncs apart");
         let mut writes = Vec::new();
         for i in 0..200 {
