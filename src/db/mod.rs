@@ -555,17 +555,6 @@ const WRITER_CACHE: &str = "PRAGMA cache_size = -65536;";
 /// 31 ms at full size against 19 to 21 ms with 128 MiB (BENCHMARKS.md, change 33).
 const WRITER_AUTOCHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 32768;";
 
-/// A new connection for writing: on SQLite with a larger page cache than the readers' ([`WRITER_CACHE`]),
-/// since every write's index pages pass through it ([`writer_connection`]).
-fn writing_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
-    let mut conn = manager.connect()?;
-    if let DbConnection::Sqlite(c) = &mut conn {
-        c.batch_execute(WRITER_CACHE)
-            .map_err(r2d2::Error::QueryError)?;
-    }
-    Ok(conn)
-}
-
 /// A long write's page cache: 128 MiB ([`Db::write_blocking`]). A bulk file's rows go into five indexes
 /// (the person's NHS number, name and postcode keys and birth date, the plan's NHS number) in random order, and
 /// at full size (1,200,000 persons) a 100,000-row file touches most of their leaves, about 250 MB. With 64 MiB,
@@ -578,14 +567,19 @@ const LONG_WRITE_CACHE: &str = "PRAGMA cache_size = -131072;";
 const LONG_WRITE_CHECKPOINT: &str =
     "PRAGMA wal_checkpoint(PASSIVE); PRAGMA wal_autocheckpoint = 0;";
 
-/// The writer's own connection: a [`writing_connection`], with checkpointing left to [`checkpointer_loop`]
-/// until the WAL reaches [`WRITER_AUTOCHECKPOINT`], and its commits synced by the syncer ([`durable`]), not by
-/// SQLite in the commit (`synchronous = NORMAL`). Only the writer's connection commits that way, and only
-/// because its answers wait for the syncer.
+/// The writer's own connection: on SQLite with a larger page cache than the readers' ([`WRITER_CACHE`]), since
+/// every write's index pages pass through it; with checkpointing left to [`checkpointer_loop`] until the WAL
+/// reaches [`WRITER_AUTOCHECKPOINT`]; and with its commits synced by the syncer ([`durable`]), not by SQLite in
+/// the commit (`synchronous = NORMAL`). Only the writer's connection commits that way, and only because its
+/// answers wait for the syncer.
 fn writer_connection(manager: &Manager) -> Result<DbConnection, r2d2::Error> {
-    let mut conn = writing_connection(manager)?;
+    let mut conn = manager.connect()?;
     if let DbConnection::Sqlite(c) = &mut conn {
-        for setting in [WRITER_AUTOCHECKPOINT, "PRAGMA synchronous = NORMAL;"] {
+        for setting in [
+            WRITER_CACHE,
+            WRITER_AUTOCHECKPOINT,
+            "PRAGMA synchronous = NORMAL;",
+        ] {
             c.batch_execute(setting).map_err(r2d2::Error::QueryError)?;
         }
     }
@@ -986,8 +980,9 @@ impl Db {
         // writes one after another (seeding the benchmark) do not let the WAL grow between them, which made the
         // flag checks after them run at two thirds of their rate.
         if let DbConnection::Sqlite(c) = &mut conn {
-            c.batch_execute(LONG_WRITE_CACHE)?;
-            c.batch_execute(LONG_WRITE_CHECKPOINT)?;
+            for setting in [LONG_WRITE_CACHE, LONG_WRITE_CHECKPOINT] {
+                c.batch_execute(setting)?;
+            }
         }
         let result = write_transaction(&mut conn, f);
         drop(conn);
