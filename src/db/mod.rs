@@ -1043,9 +1043,6 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// Pages each connection's page cache takes from one allocation made when it first fills, and keeps.
-const PAGE_CACHE_BULK: std::ffi::c_int = 256;
-
 /// SQLite's memory from the process's Rust allocator (mimalloc in the server) instead of the C library's malloc.
 /// A read connection's page cache is emptied whenever the writer has committed since its last read (many times a
 /// second under load), and glibc returned those freed pages to the kernel at once, with a TLB shootdown on
@@ -1159,8 +1156,9 @@ mod sqlite_alloc {
 ///   statement whose `LIMIT` is a bound parameter (diesel's `.first()`) as depending on that value, and
 ///   re-parses and re-plans the cached statement on every execution; the profile showed this as a tenth of the
 ///   server's time. cpis keeps no planner statistics, so the plans do not change.
-/// - Memory from the Rust allocator ([`sqlite_alloc`]) and a bulk page cache per connection
-///   ([`PAGE_CACHE_BULK`]).
+/// - Memory from the Rust allocator ([`sqlite_alloc`]).
+/// - A page cache of its own for each connection: SQLite is built without `SQLITE_ENABLE_MEMORY_MANAGEMENT`
+///   (`.cargo/config.toml`), which would put every connection's pages in one pool behind one process-wide mutex.
 /// - SQLite's page cache behind [`pcache`], which skips truncations that have nothing to drop.
 fn configure_sqlite() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -1197,21 +1195,6 @@ fn configure_sqlite() {
             tracing::debug!(
                 rc,
                 "SQLite was already initialised; it keeps the C allocator"
-            );
-        }
-        // SAFETY: as above; SQLITE_CONFIG_PAGECACHE takes a pointer (null: SQLite allocates) and two ints.
-        let rc = unsafe {
-            libsqlite3_sys::sqlite3_config(
-                libsqlite3_sys::SQLITE_CONFIG_PAGECACHE,
-                std::ptr::null_mut::<std::ffi::c_void>(),
-                0 as std::ffi::c_int,
-                PAGE_CACHE_BULK,
-            )
-        };
-        if rc != libsqlite3_sys::SQLITE_OK {
-            tracing::debug!(
-                rc,
-                "SQLite was already initialised; page cache bulk unchanged"
             );
         }
         pcache::install();
@@ -1752,56 +1735,118 @@ pub(crate) mod tests {
         assert_eq!(names, ["after", "before", "long"]);
     }
 
-    /// What the release relies on: inside a write transaction, before anything is written, `shrink_memory`
-    /// frees every page a connection's cache holds.
-    #[test]
-    fn shrink_memory_frees_a_connections_pages_inside_a_write_transaction() {
-        super::configure_sqlite();
-        let dir = tempfile::tempdir().unwrap();
-        let path = std::ffi::CString::new(dir.path().join("t.db").to_str().unwrap()).unwrap();
-        // SAFETY: plain use of the SQLite C API on a private database, every handle checked and closed.
-        unsafe {
+    /// A raw SQLite connection for tests of SQLite's own behaviour, closed when dropped.
+    struct RawSqlite(*mut ffi::sqlite3);
+
+    impl RawSqlite {
+        fn open(path: &std::path::Path) -> Self {
+            super::configure_sqlite();
+            let path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
             let mut db = std::ptr::null_mut();
-            assert_eq!(ffi::sqlite3_open(path.as_ptr(), &mut db), ffi::SQLITE_OK);
-            let exec = |sql: &std::ffi::CStr| {
-                let rc = ffi::sqlite3_exec(
-                    db,
+            // SAFETY: a valid path and out-pointer; the handle is closed in `drop`.
+            assert_eq!(
+                unsafe { ffi::sqlite3_open(path.as_ptr(), &mut db) },
+                ffi::SQLITE_OK
+            );
+            RawSqlite(db)
+        }
+
+        fn exec(&self, sql: &std::ffi::CStr) {
+            // SAFETY: an open handle and a NUL-terminated statement list, with no callback.
+            let rc = unsafe {
+                ffi::sqlite3_exec(
+                    self.0,
                     sql.as_ptr(),
                     None,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
-                );
-                assert_eq!(rc, ffi::SQLITE_OK, "{sql:?}");
+                )
             };
-            let cache_used = || {
-                let (mut now, mut high) = (0, 0);
-                let rc = ffi::sqlite3_db_status(
-                    db,
+            assert_eq!(rc, ffi::SQLITE_OK, "{sql:?}");
+        }
+
+        /// Bytes of pages the connection's cache holds.
+        fn cache_used(&self) -> i32 {
+            let (mut now, mut high) = (0, 0);
+            // SAFETY: an open handle and two out-pointers.
+            let rc = unsafe {
+                ffi::sqlite3_db_status(
+                    self.0,
                     ffi::SQLITE_DBSTATUS_CACHE_USED,
                     &mut now,
                     &mut high,
                     0,
-                );
-                assert_eq!(rc, ffi::SQLITE_OK);
-                now
+                )
             };
-            exec(c"PRAGMA journal_mode = WAL; PRAGMA cache_size = -65536;");
-            exec(
-                c"CREATE TABLE t (a TEXT); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
-                  WHERE i < 20000) INSERT INTO t SELECT printf('%0200d', i) FROM n;",
-            );
-            exec(c"SELECT count(*) FROM t WHERE a <> '';");
-            let full = cache_used();
-            assert!(full > 4 << 20, "the cache holds the table: {full} bytes");
-            exec(c"BEGIN IMMEDIATE; PRAGMA shrink_memory;");
-            let released = cache_used();
-            exec(c"COMMIT;");
-            assert!(
-                released < full / 10,
-                "{released} bytes left of {full} after shrink_memory"
-            );
-            ffi::sqlite3_close(db);
+            assert_eq!(rc, ffi::SQLITE_OK);
+            now
         }
+    }
+
+    impl Drop for RawSqlite {
+        fn drop(&mut self) {
+            // SAFETY: the handle opened in `open`, closed once; its statements are finalised by `exec`.
+            unsafe { ffi::sqlite3_close(self.0) };
+        }
+    }
+
+    /// Makes a WAL database with a table of about 4 MB through `conn`.
+    fn write_table(conn: &RawSqlite) {
+        conn.exec(c"PRAGMA journal_mode = WAL;");
+        conn.exec(
+            c"CREATE TABLE t (a TEXT); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+              WHERE i < 20000) INSERT INTO t SELECT printf('%0200d', i) FROM n;",
+        );
+    }
+
+    /// Reads the table through `conn` with a cache large enough for it; answers the bytes its cache then holds.
+    fn filled_cache(conn: &RawSqlite) -> i32 {
+        conn.exec(c"PRAGMA cache_size = -65536; SELECT count(*) FROM t WHERE a <> '';");
+        let full = conn.cache_used();
+        assert!(full > 4 << 20, "the cache holds the table: {full} bytes");
+        full
+    }
+
+    /// What the release relies on: inside a write transaction, before anything is written, `shrink_memory`
+    /// frees every page a connection's cache holds.
+    #[test]
+    fn shrink_memory_frees_a_connections_pages_inside_a_write_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = RawSqlite::open(&dir.path().join("t.db"));
+        write_table(&conn);
+        let full = filled_cache(&conn);
+        conn.exec(c"BEGIN IMMEDIATE; PRAGMA shrink_memory;");
+        let released = conn.cache_used();
+        conn.exec(c"COMMIT;");
+        assert!(
+            released < full / 10,
+            "{released} bytes left of {full} after shrink_memory"
+        );
+    }
+
+    /// Each connection has a page cache of its own (SQLite built without `SQLITE_ENABLE_MEMORY_MANAGEMENT`, see
+    /// `.cargo/config.toml`): in SQLite's unified mode every cache shares one pool behind one process-wide mutex,
+    /// and one connection freeing its cache also empties every other's.
+    #[test]
+    fn each_connection_keeps_its_own_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = (
+            RawSqlite::open(&dir.path().join("t.db")),
+            RawSqlite::open(&dir.path().join("t.db")),
+        );
+        write_table(&writer);
+        filled_cache(&writer);
+        let full = filled_cache(&reader);
+        writer.exec(c"PRAGMA shrink_memory;");
+        assert!(
+            writer.cache_used() < full / 10,
+            "the writer freed its pages"
+        );
+        assert_eq!(
+            reader.cache_used(),
+            full,
+            "the reader's cache is untouched by the writer's release"
+        );
     }
 
     /// Runs `sql` with `?1` bound to each of `limits` in turn, and answers how often SQLite re-prepared it.
