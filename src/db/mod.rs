@@ -1851,25 +1851,15 @@ pub(crate) mod tests {
 
     /// Runs `sql` with `?1` bound to each of `limits` in turn, and answers how often SQLite re-prepared it.
     fn reprepares(limits: &[i64]) -> i32 {
-        super::configure_sqlite();
-        // SAFETY: plain use of the SQLite C API on a private in-memory database, every handle checked and closed.
+        let conn = RawSqlite::open(std::path::Path::new(":memory:"));
+        conn.exec(c"CREATE TABLE t (a TEXT); INSERT INTO t VALUES ('x'), ('y'), ('z');");
+        let mut stmt = std::ptr::null_mut();
+        let sql = c"SELECT a FROM t WHERE a <> 'w' LIMIT ?1";
+        // SAFETY: plain use of the SQLite C API on the open connection; the statement is finalised before it
+        // closes.
         unsafe {
-            let mut db = std::ptr::null_mut();
-            let name = c":memory:";
-            assert_eq!(ffi::sqlite3_open(name.as_ptr(), &mut db), ffi::SQLITE_OK);
-            let create = c"CREATE TABLE t (a TEXT); INSERT INTO t VALUES ('x'), ('y'), ('z');";
-            let rc = ffi::sqlite3_exec(
-                db,
-                create.as_ptr(),
-                None,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            );
-            assert_eq!(rc, ffi::SQLITE_OK);
-            let mut stmt = std::ptr::null_mut();
-            let sql = c"SELECT a FROM t WHERE a <> 'w' LIMIT ?1";
             let rc = ffi::sqlite3_prepare_v3(
-                db,
+                conn.0,
                 sql.as_ptr(),
                 -1,
                 ffi::SQLITE_PREPARE_PERSISTENT,
@@ -1888,7 +1878,6 @@ pub(crate) mod tests {
             }
             let n = ffi::sqlite3_stmt_status(stmt, ffi::SQLITE_STMTSTATUS_REPREPARE, 0);
             ffi::sqlite3_finalize(stmt);
-            ffi::sqlite3_close(db);
             n
         }
     }
