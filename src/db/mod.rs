@@ -1785,7 +1785,8 @@ pub(crate) mod tests {
 
     impl Drop for RawSqlite {
         fn drop(&mut self) {
-            // SAFETY: the handle opened in `open`, closed once; its statements are finalised by `exec`.
+            // SAFETY: the handle opened in `open`, closed once; `sqlite3_exec` finalises the statements it runs,
+            // and a test that prepares its own finalises it first.
             unsafe { ffi::sqlite3_close(self.0) };
         }
     }
