@@ -91,19 +91,18 @@ const GROUPS: &[(&str, &[&str])] = &[
 /// A lookup in a map built once from [`GROUPS`]: a scan of the groups compared about 200 strings for a name
 /// with no variants, most names, and was 3% of a bulk file's import through the person's name key.
 pub fn root(name: &str) -> &str {
-    static ROOTS: std::sync::OnceLock<std::collections::HashMap<&str, &str>> =
-        std::sync::OnceLock::new();
-    let roots = ROOTS.get_or_init(|| {
-        let mut roots = std::collections::HashMap::new();
-        // In the groups' order, the first group to name a variant keeps it, as the scan did.
-        for (root, variants) in GROUPS {
-            for name in std::iter::once(root).chain(variants.iter()) {
-                roots.entry(*name).or_insert(*root);
+    static ROOTS: std::sync::LazyLock<std::collections::HashMap<&str, &str>> =
+        std::sync::LazyLock::new(|| {
+            let mut roots = std::collections::HashMap::new();
+            // In the groups' order, the first group to name a variant keeps it, as the scan did.
+            for (root, variants) in GROUPS {
+                for name in std::iter::once(root).chain(variants.iter()) {
+                    roots.entry(*name).or_insert(*root);
+                }
             }
-        }
-        roots
-    });
-    roots.get(name).copied().unwrap_or(name)
+            roots
+        });
+    ROOTS.get(name).copied().unwrap_or(name)
 }
 
 #[cfg(test)]
