@@ -2,7 +2,7 @@
 FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends libpq-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 # The SQLite build settings (.cargo/config.toml: a page cache of its own for each connection).
 COPY .cargo ./.cargo
 COPY src ./src

@@ -14,7 +14,7 @@ mod smtp;
 use clap::Parser;
 use cpis::attendances::AttendanceRow;
 use cpis::config::Settings;
-use cpis::db::models::PlanRow;
+use cpis::db::models::{AccessRow, PlanRow};
 use cpis::db::Db;
 use cpis::mpi::builtin::PersonRow;
 use cpis::mpi::synthetic::{Generator, NhsNumbers, Person};
@@ -233,9 +233,29 @@ fn seed(db: &Db, args: &Args) -> (String, String, String, Vec<String>) {
                 }
             })
             .collect();
+        // cpis records an accepted attendance of a flagged child as one of the child's recent accesses too,
+        // which a later check that hits reads back.
+        let accesses: Vec<AccessRow> = rows
+            .iter()
+            .map(|a| AccessRow {
+                id: uuid::Uuid::new_v4().to_string(),
+                nhs_number: a.nhs_number.clone().unwrap_or_default(),
+                at: a.arrived_at,
+                setting_ods: a.setting_ods.clone(),
+                setting_type: Some(a.setting_type.clone()),
+                kind: "attendance".into(),
+                access: "unscheduled".into(),
+                practitioner_name: None,
+                practitioner_role: None,
+                key_id: None,
+            })
+            .collect();
         db.write_blocking(|conn| {
             for chunk in rows.chunks(400) {
                 cpis::db::insert_attendances(conn, chunk)?;
+            }
+            for chunk in accesses.chunks(500) {
+                cpis::db::insert_accesses(conn, chunk)?;
             }
             Ok::<_, cpis::db::DbError>(())
         })

@@ -2286,6 +2286,69 @@ pub(crate) mod tests {
         assert_eq!(all, total);
     }
 
+    /// A check that hits lists the child's recent unscheduled accesses, newest first. SQLite answers that query
+    /// from the `accesses_recent` index alone (one leaf for most children), with no visit to the table for each
+    /// access and no sort, and the list is still the right one.
+    #[test]
+    fn recent_accesses_come_newest_first_from_their_covering_index() {
+        use super::{models::AccessRow, DbConnection};
+        use diesel::connection::{Connection, InstrumentationEvent};
+        use diesel::prelude::*;
+        use std::sync::{Arc, Mutex};
+        let mut conn = memory_sqlite();
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+        let access = |id: &str, nhs: &str, hour: u32, access: &str| AccessRow {
+            at: day.and_hms_opt(hour, 0, 0).unwrap().into(),
+            nhs_number: nhs.into(),
+            access: access.into(),
+            ..super::deferred::tests::access(id)
+        };
+        let rows = [
+            access("a-09", "9434765919", 9, "unscheduled"),
+            access("a-12", "9434765919", 12, "unscheduled"),
+            access("a-11", "9434765919", 11, "scheduled"),
+            access("b-13", "9434765870", 13, "unscheduled"),
+            access("a-10", "9434765919", 10, "unscheduled"),
+        ];
+        super::insert_accesses(&mut conn, &rows).unwrap();
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let DbConnection::Sqlite(c) = &mut conn else {
+            unreachable!()
+        };
+        let seen = queries.clone();
+        c.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::StartQuery { query, .. } = event {
+                seen.lock().unwrap().push(query.to_string());
+            }
+        });
+        let recent = AccessRow::recent_unscheduled(&mut conn, "9434765919", 25).unwrap();
+        let ids: Vec<&str> = recent.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["a-12", "a-10", "a-09"]);
+
+        let sql = queries.lock().unwrap()[0].clone();
+        let sql = sql.split(" -- binds").next().unwrap();
+        #[derive(QueryableByName)]
+        struct Step {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            detail: String,
+        }
+        let DbConnection::Sqlite(c) = &mut conn else {
+            unreachable!()
+        };
+        let plan: Vec<String> = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
+            .load::<Step>(c)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.detail)
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|s| s.contains("USING COVERING INDEX accesses_recent")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|s| s.contains("TEMP B-TREE")), "{plan:?}");
+    }
+
     /// A multi-row insert whose 70th row breaks the unique key stops there (`INSERT OR FAIL`), and the savepoint
     /// its caller runs in takes every row of it back, while the surrounding transaction's rows stay; a
     /// transaction that fails takes back everything.

@@ -1,0 +1,6 @@
+-- A flag check that hits shows the child's recent unscheduled accesses, newest first. This index holds every
+-- column that list shows, in its order, so it is read from the index's own pages (one leaf for most children)
+-- without a visit to the table for each access and without a sort. It replaces (nhs_number, at), whose leading
+-- column it keeps.
+CREATE INDEX accesses_recent ON accesses (nhs_number, access, at, id, kind, setting_ods, setting_type);
+DROP INDEX accesses_nhs_number_at;
