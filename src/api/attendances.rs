@@ -135,19 +135,26 @@ pub async fn create(
             return repeat(&state, actor, existing).await;
         }
     }
-    let read = crate::mpi::resolve_then(&*state.mpi, &state.db, &patient, move |conn, resolved| {
-        if in_database {
-            if let Some(existing) = AttendanceRow::find_by_source(conn, &s, &a)? {
-                return Ok::<_, ApiError>(Err(existing));
+    let needs = crate::mpi::builtin::Needs::PersonId;
+    let read = crate::mpi::resolve_then(
+        &*state.mpi,
+        &state.db,
+        &patient,
+        needs,
+        move |conn, resolved| {
+            if in_database {
+                if let Some(existing) = AttendanceRow::find_by_source(conn, &s, &a)? {
+                    return Ok::<_, ApiError>(Err(existing));
+                }
             }
-        }
-        let resolution = match resolved {
-            Ok(r) => r,
-            Err(MpiError::Unavailable(why)) => return Ok(Ok((None, Some(why)))),
-        };
-        let found = attendances::find_flags(conn, today, Some(name), setting, &resolution)?;
-        Ok(Ok((Some((resolution, found)), None)))
-    })
+            let resolution = match resolved {
+                Ok(r) => r,
+                Err(MpiError::Unavailable(why)) => return Ok(Ok((None, Some(why)))),
+            };
+            let found = attendances::find_flags(conn, today, Some(name), setting, &resolution)?;
+            Ok(Ok((Some((resolution, found)), None)))
+        },
+    )
     .await?;
     let resolved = match read {
         Err(existing) => return repeat(&state, actor, existing).await,

@@ -141,6 +141,7 @@ pub async fn perform(
         &*state.mpi,
         &state.db,
         &check.patient,
+        crate::mpi::builtin::Needs::MatchOnly,
         move |conn, resolved| {
             let resolution = resolved.map_err(mpi_unavailable)?;
             let view = flags::view(conn, &resolution, today, None)?;

@@ -2234,6 +2234,53 @@ pub(crate) mod tests {
         super::DbConnection::Sqlite(conn)
     }
 
+    /// Runs `f` on a SQLite connection and answers, beside its result, SQLite's plan (`EXPLAIN QUERY PLAN`, one
+    /// line per step) for each query `f` ran, as diesel sent it.
+    pub(crate) fn query_plans<T>(
+        conn: &mut super::DbConnection,
+        f: impl FnOnce(&mut super::DbConnection) -> T,
+    ) -> (T, Vec<Vec<String>>) {
+        use diesel::connection::{Connection, InstrumentationEvent};
+        use diesel::prelude::*;
+        use std::sync::{Arc, Mutex};
+        #[derive(QueryableByName)]
+        struct Step {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            detail: String,
+        }
+        let super::DbConnection::Sqlite(c) = conn else {
+            panic!("query plans are read on SQLite")
+        };
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let seen = queries.clone();
+        c.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::StartQuery { query, .. } = event {
+                // diesel shows a query as its SQL followed by ` -- binds: [...]`.
+                let sql = query.to_string();
+                let sql = sql.split(" -- binds").next().unwrap_or_default();
+                seen.lock().unwrap().push(sql.to_string());
+            }
+        });
+        let result = f(conn);
+        // Taken before the plans are asked for: those queries are seen too.
+        let queries: Vec<String> = queries.lock().unwrap().clone();
+        let super::DbConnection::Sqlite(c) = conn else {
+            unreachable!()
+        };
+        let plans = queries
+            .iter()
+            .map(|sql| {
+                diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
+                    .load::<Step>(c)
+                    .unwrap()
+                    .into_iter()
+                    .map(|s| s.detail)
+                    .collect()
+            })
+            .collect();
+        (result, plans)
+    }
+
     #[test]
     fn batch_inserts_write_every_row_whatever_the_count_and_keep_absent_values_null() {
         use super::{insert_accesses, models::AccessRow, schema::accesses};
@@ -2291,10 +2338,7 @@ pub(crate) mod tests {
     /// access and no sort, and the list is still the right one.
     #[test]
     fn recent_accesses_come_newest_first_from_their_covering_index() {
-        use super::{models::AccessRow, DbConnection};
-        use diesel::connection::{Connection, InstrumentationEvent};
-        use diesel::prelude::*;
-        use std::sync::{Arc, Mutex};
+        use super::models::AccessRow;
         let mut conn = memory_sqlite();
         let day = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
         let access = |id: &str, nhs: &str, hour: u32, access: &str| AccessRow {
@@ -2311,36 +2355,14 @@ pub(crate) mod tests {
             access("a-10", "9434765919", 10, "unscheduled"),
         ];
         super::insert_accesses(&mut conn, &rows).unwrap();
-        let queries = Arc::new(Mutex::new(Vec::new()));
-        let DbConnection::Sqlite(c) = &mut conn else {
-            unreachable!()
-        };
-        let seen = queries.clone();
-        c.set_instrumentation(move |event: InstrumentationEvent<'_>| {
-            if let InstrumentationEvent::StartQuery { query, .. } = event {
-                seen.lock().unwrap().push(query.to_string());
-            }
+        let (recent, plans) = query_plans(&mut conn, |c| {
+            AccessRow::recent_unscheduled(c, "9434765919", 25).unwrap()
         });
-        let recent = AccessRow::recent_unscheduled(&mut conn, "9434765919", 25).unwrap();
         let ids: Vec<&str> = recent.iter().map(|a| a.id.as_str()).collect();
         assert_eq!(ids, ["a-12", "a-10", "a-09"]);
-
-        let sql = queries.lock().unwrap()[0].clone();
-        let sql = sql.split(" -- binds").next().unwrap();
-        #[derive(QueryableByName)]
-        struct Step {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            detail: String,
-        }
-        let DbConnection::Sqlite(c) = &mut conn else {
-            unreachable!()
+        let [plan] = &plans[..] else {
+            panic!("one query: {plans:?}")
         };
-        let plan: Vec<String> = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
-            .load::<Step>(c)
-            .unwrap()
-            .into_iter()
-            .map(|s| s.detail)
-            .collect();
         assert!(
             plan.iter()
                 .any(|s| s.contains("USING COVERING INDEX accesses_recent")),

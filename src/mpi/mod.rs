@@ -210,11 +210,13 @@ pub trait Mpi: Send + Sync {
 /// `then` share one read on one connection (on SQLite, at once on this thread; a demographic search, which scans
 /// candidates, on the blocking pool); otherwise the MPI is asked first and `then` reads afterwards. Its callers
 /// (the flag check, the attendance) answer only after a write of their own, so the read does not wait for the
-/// writer's commits to be synced ([`crate::db::Db::read_before_write`]).
+/// writer's commits to be synced ([`crate::db::Db::read_before_write`]). `needs` says whether the caller needs a
+/// person's id when the built-in MPI matches by NHS number ([`builtin::Needs`]).
 pub async fn resolve_then<T, E, F>(
     mpi: &dyn Mpi,
     db: &crate::db::Db,
     query: &PatientQuery,
+    needs: builtin::Needs,
     then: F,
 ) -> Result<T, E>
 where
@@ -228,7 +230,7 @@ where
         Some(thresholds) => {
             let q = query.clone();
             let job = move |conn: &mut crate::db::DbConnection| {
-                let resolved = builtin::resolve(conn, &q, thresholds)
+                let resolved = builtin::resolve_for(conn, &q, thresholds, needs)
                     .map_err(|e| MpiError::from(crate::db::DbError::Query(e)));
                 then(conn, resolved)
             };
