@@ -2281,6 +2281,15 @@ pub(crate) mod tests {
         (result, plans)
     }
 
+    /// Asserts that [`query_plans`] saw one query, with a step naming `step`, and answers that query's plan.
+    pub(crate) fn one_plan_with<'a>(plans: &'a [Vec<String>], step: &str) -> &'a [String] {
+        let [plan] = plans else {
+            panic!("one query: {plans:?}")
+        };
+        assert!(plan.iter().any(|s| s.contains(step)), "{step}: {plan:?}");
+        plan
+    }
+
     #[test]
     fn batch_inserts_write_every_row_whatever_the_count_and_keep_absent_values_null() {
         use super::{insert_accesses, models::AccessRow, schema::accesses};
@@ -2360,13 +2369,9 @@ pub(crate) mod tests {
         });
         let ids: Vec<&str> = recent.iter().map(|a| a.id.as_str()).collect();
         assert_eq!(ids, ["a-12", "a-10", "a-09"]);
-        let [plan] = &plans[..] else {
-            panic!("one query: {plans:?}")
-        };
-        assert!(
-            plan.iter()
-                .any(|s| s.contains("USING COVERING INDEX accesses_recent")),
-            "{plan:?}"
+        let plan = one_plan_with(
+            &plans,
+            "SEARCH accesses USING COVERING INDEX accesses_recent",
         );
         assert!(!plan.iter().any(|s| s.contains("TEMP B-TREE")), "{plan:?}");
     }

@@ -496,14 +496,7 @@ mod tests {
         assert_eq!(check.method, Method::NhsNumber);
         assert_eq!(check.nhs_number.as_deref(), Some("9434765919"));
         assert_eq!(check.person_id, None);
-        let [plan] = &plans[..] else {
-            panic!("one query: {plans:?}")
-        };
-        assert!(
-            plan.iter()
-                .any(|s| s.starts_with("SEARCH persons USING COVERING INDEX")),
-            "{plan:?}"
-        );
+        crate::db::tests::one_plan_with(&plans, "SEARCH persons USING COVERING INDEX");
 
         let attendance =
             resolve_for(&mut conn, &query("9434765919"), thresholds, Needs::PersonId).unwrap();
