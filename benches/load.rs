@@ -237,18 +237,7 @@ fn seed(db: &Db, args: &Args) -> (String, String, String, Vec<String>) {
         // which a later check that hits reads back.
         let accesses: Vec<AccessRow> = rows
             .iter()
-            .map(|a| AccessRow {
-                id: uuid::Uuid::new_v4().to_string(),
-                nhs_number: a.nhs_number.clone().unwrap_or_default(),
-                at: a.arrived_at,
-                setting_ods: a.setting_ods.clone(),
-                setting_type: Some(a.setting_type.clone()),
-                kind: "attendance".into(),
-                access: "unscheduled".into(),
-                practitioner_name: None,
-                practitioner_role: None,
-                key_id: None,
-            })
+            .filter_map(|a| Some(a.access(a.resolved_nhs_number.clone()?)))
             .collect();
         db.write_blocking(|conn| {
             for chunk in rows.chunks(400) {

@@ -52,6 +52,23 @@ pub struct AttendanceRow {
 }
 
 impl AttendanceRow {
+    /// The recent access an attendance of a flagged child is recorded as, for the child with this NHS number:
+    /// what a clinician's next check that hits lists.
+    pub fn access(&self, nhs_number: String) -> AccessRow {
+        AccessRow {
+            id: crate::db::new_id(),
+            nhs_number,
+            at: self.arrived_at,
+            setting_ods: self.setting_ods.clone(),
+            setting_type: Some(self.setting_type.clone()),
+            kind: "attendance".into(),
+            access: "unscheduled".into(),
+            practitioner_name: None,
+            practitioner_role: None,
+            key_id: self.key_id.clone(),
+        }
+    }
+
     /// The attendance a setting reported under `attendance_id`, committed or written earlier in this batch.
     pub fn find_by_source(
         conn: &mut DbConnection,
@@ -204,21 +221,7 @@ pub fn apply_resolution(
     let view = &found.view;
     att.flagged = view.hit;
     if let (true, Some(nhs)) = (view.hit, &view.nhs_number) {
-        AccessRow::insert(
-            conn,
-            AccessRow {
-                id: crate::db::new_id(),
-                nhs_number: nhs.clone(),
-                at: att.arrived_at,
-                setting_ods: att.setting_ods.clone(),
-                setting_type: Some(att.setting_type.clone()),
-                kind: "attendance".into(),
-                access: "unscheduled".into(),
-                practitioner_name: None,
-                practitioner_role: None,
-                key_id: att.key_id.clone(),
-            },
-        )?;
+        AccessRow::insert(conn, att.access(nhs.clone()))?;
     }
     learn(conn, now, att, resolution)?;
     // A flagged attendance is told to each responsible authority; a possible match too, marked for review.

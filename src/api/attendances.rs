@@ -135,12 +135,11 @@ pub async fn create(
             return repeat(&state, actor, existing).await;
         }
     }
-    let needs = crate::mpi::builtin::Needs::PersonId;
     let read = crate::mpi::resolve_then(
         &*state.mpi,
         &state.db,
         &patient,
-        needs,
+        crate::mpi::builtin::Needs::PersonId,
         move |conn, resolved| {
             if in_database {
                 if let Some(existing) = AttendanceRow::find_by_source(conn, &s, &a)? {

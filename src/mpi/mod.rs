@@ -200,7 +200,7 @@ pub trait Mpi: Send + Sync {
     async fn resolve(&self, query: &PatientQuery) -> Result<Resolution, MpiError>;
 
     /// When this MPI would answer `query` from cpis's own database (the built-in MPI), its thresholds, so that a
-    /// caller can resolve it with [`builtin::resolve`] on the connection it reads with anyway.
+    /// caller can resolve it with [`builtin::resolve_for`] on the connection it reads with anyway.
     fn in_database(&self, _query: &PatientQuery) -> Option<Thresholds> {
         None
     }
