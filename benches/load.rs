@@ -41,6 +41,10 @@ struct Args {
     attendances: usize,
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// The server's log level: `info`, as cpis ships (a line for every request), or `warn` as the benchmark ran
+    /// until the nineteenth session.
+    #[arg(long, default_value = "info")]
+    log_level: String,
     /// Seconds of load per HTTP scenario.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -273,14 +277,19 @@ impl Drop for Server {
     }
 }
 
-fn serve(url: &str, env: &[(&str, &str)]) -> Server {
+/// Starts `cpis serve` with JSON logs (the Dockerfile's format) at `log_level`; its start-up lines stay in, to
+/// learn its port.
+fn serve(url: &str, log_level: &str, env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cpis"))
         .arg("serve")
         .env("CPIS_CONFIG_DIR", "/nonexistent")
         .env("CPIS__DATABASE__URL", url)
         .env("CPIS__SERVER__PORT", "0")
         .env("CPIS__LOG__FORMAT", "json")
-        .env("CPIS__LOG__LEVEL", "warn,cpis::startup=info")
+        .env(
+            "CPIS__LOG__LEVEL",
+            format!("{log_level},cpis::startup=info"),
+        )
         .env("CPIS__DATABASE__POOL_SIZE", "32")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
@@ -528,8 +537,8 @@ async fn run(args: Args) {
     );
 
     println!(
-        "\nbackend {}, {} persons/plans, {} past attendances, concurrency {}, {} s per scenario",
-        args.backend, args.persons, args.attendances, args.concurrency, args.seconds
+        "\nbackend {}, {} persons/plans, {} past attendances, concurrency {}, {} s per scenario, server log level {}",
+        args.backend, args.persons, args.attendances, args.concurrency, args.seconds, args.log_level
     );
     let no_jobs = [
         ("CPIS__JOBS__DELIVER", ""),
@@ -537,7 +546,7 @@ async fn run(args: Args) {
         ("CPIS__JOBS__PURGE", ""),
         ("CPIS__JOBS__REMATCH", ""),
     ];
-    let server = serve(&t.url, &no_jobs);
+    let server = serve(&t.url, &args.log_level, &no_jobs);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()
@@ -743,6 +752,7 @@ async fn delivery(
     let smtp_server = smtp::start_smtp(0).await;
     let admin_server = serve(
         &t.url,
+        &args.log_level,
         &[
             ("CPIS__WEBHOOK__ALLOW_PRIVATE_TARGETS", "true"),
             ("CPIS__WEBHOOK__ALLOW_HTTP", "true"),
@@ -807,7 +817,7 @@ async fn delivery(
         ("CPIS__JOBS__REMATCH", ""),
     ];
     let started = Instant::now();
-    let deliverer = serve(&t.url, &deliver_env);
+    let deliverer = serve(&t.url, &args.log_level, &deliver_env);
     let mut webhooks_done = None;
     let mut emails_done = None;
     while (webhooks_done.is_none() || emails_done.is_none())

@@ -7,7 +7,7 @@ use crate::db::models::ApiKeyRow;
 use crate::error::ApiError;
 use crate::startup::AppState;
 use crate::telemetry::RequestId;
-use actix_web::body::MessageBody;
+use actix_web::body::{BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
@@ -170,12 +170,24 @@ fn bearer_token(req: &ServiceRequest) -> Result<&str, ApiError> {
     }
 }
 
-/// Middleware: resolves the bearer key to a `Principal`, or answers 401 before the handler runs.
+/// Middleware: resolves the bearer key to a `Principal`, or answers 401 before the handler runs. The refusal is
+/// an answer, not an error passed outwards, so that the request's span logs it and the metrics count it.
 pub async fn authenticate(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let token = bearer_token(&req)?;
+) -> Result<ServiceResponse<EitherBody<impl MessageBody, BoxBody>>, actix_web::Error> {
+    match principal(&req).await {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            Ok(next.call(req).await?.map_into_left_body())
+        }
+        Err(e) => Ok(req.error_response(e).map_into_right_body()),
+    }
+}
+
+/// The caller named by the request's bearer key.
+async fn principal(req: &ServiceRequest) -> Result<Principal, ApiError> {
+    let token = bearer_token(req)?;
     let hash = hash_key(token);
     let state = req
         .app_data::<web::Data<AppState>>()
@@ -204,15 +216,14 @@ pub async fn authenticate(
         .map(|r| r.0.clone())
         .unwrap_or_default();
     tracing::Span::current().record("org", row.org_ods.as_str());
-    req.extensions_mut().insert(Principal {
+    Ok(Principal {
         key_id: row.id,
         org: row.org_ods,
         org_name: org.name,
         roles: decode_roles(&row.roles),
         request_id,
         region: org.region,
-    });
-    next.call(req).await
+    })
 }
 
 #[cfg(test)]

@@ -43,7 +43,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    cpis::telemetry::init(&settings.log);
+    // Held to the end of `main`, so that what is queued for the log is written before the process exits.
+    let _log = cpis::telemetry::init(&settings.log);
     match cli::run(cli, settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -1,9 +1,10 @@
 //! Prometheus metrics: requests by route and status with latency, checks by outcome, matches by status,
 //! notifications by state (read at scrape time), delivery attempts and latency, job runs and durations, and
-//! what each purge removed. Labels carry routes and codes, never identifiers.
+//! what each purge removed, and log lines dropped. Labels carry routes and codes, never identifiers.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -18,6 +19,9 @@ pub struct Metrics {
     pub job_runs: IntCounterVec,
     pub job_seconds: HistogramVec,
     pub purged: IntCounterVec,
+    /// Log lines dropped because standard error fell behind ([`crate::telemetry::dropped_lines`], read at
+    /// scrape time).
+    log_lines_dropped: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -122,6 +126,17 @@ impl Metrics {
                 "Records removed or cleared by the purge job, by kind",
                 &["kind"],
             ),
+            log_lines_dropped: {
+                let c = IntCounter::new(
+                    "log_lines_dropped_total",
+                    "Log lines dropped because standard error could not take them as fast as they came",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("registered once");
+                c
+            },
             registry,
         }
     }
@@ -136,6 +151,11 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        let dropped = crate::telemetry::dropped_lines();
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)

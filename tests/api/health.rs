@@ -51,6 +51,50 @@ async fn every_response_carries_a_request_id_and_a_callers_own_id_is_kept() {
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
 }
 
+#[tokio::test]
+async fn a_refused_request_carries_a_request_id_and_is_counted() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let scrape = || async {
+            app.client
+                .get(format!("{}/metrics", app.address))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        };
+        let refused =
+            r#"cpis_http_requests_total{method="POST",route="/v1/flag-checks",status="401"}"#;
+        let before = scrape().await;
+        let body = serde_json::json!({"patient": {"nhs_number": "9434765919"}});
+        // No key at all, then a key no one was given: both refused before any handler runs.
+        let unsigned = app
+            .client
+            .post(format!("{}/v1/flag-checks", app.address))
+            .header("x-request-id", "refused-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unsigned.status(), 401);
+        assert_eq!(unsigned.headers()["x-request-id"], "refused-1");
+        let problem: serde_json::Value = unsigned.json().await.unwrap();
+        assert_eq!(problem["status"], 401, "{problem}");
+        let unknown = app.post("/v1/flag-checks", "cpis_not-a-key", body).await;
+        assert_eq!(unknown.status, 401, "{unknown:?}");
+        let id = unknown.headers["x-request-id"].to_str().unwrap();
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+        let after = scrape().await;
+        assert_eq!(
+            sample(&after, refused) - sample(&before, refused),
+            2.0,
+            "{after}"
+        );
+    }
+}
+
 fn sample(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))

@@ -97,17 +97,37 @@ async fn a_full_scenario_leaves_no_nhs_number_in_the_logs() {
             json!({"nhs_number": "943 476 5919", "local_reference": "Amelia Smith"}),
         )
         .await;
+        // A request refused before any handler is logged like any other, without what it carried.
+        let refused = app
+            .post(
+                "/v1/flag-checks",
+                "cpis_not-a-key",
+                json!({"patient": {"nhs_number": numbers[1]}}),
+            )
+            .await;
+        assert_eq!(refused.status, 401);
         // A query string never reaches the log either.
         app.get("/v1/organisations/RXK01?nhs_number=9434765919", &w.care)
             .await;
 
+        // Lines are written by the server's log thread: wait for the last request's before stopping it.
+        let last = r#""path":"/v1/organisations/RXK01""#;
+        for _ in 0..100 {
+            if served.log.lock().unwrap().contains(last) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         served.child.kill().unwrap();
         served.child.wait().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(200));
         let log = served.log.lock().unwrap().clone();
+        assert!(log.contains(last), "the last request was logged: {log}");
         assert!(
-            log.contains("request completed"),
-            "the log was captured: {log}"
+            log.lines().any(|l| l.contains("request completed")
+                && l.contains(r#""route":"/v1/flag-checks""#)
+                && l.contains(r#""status":401"#)),
+            "the refused request was logged: {log}"
         );
         assert!(log.lines().count() > 20, "{log}");
         for nhs in numbers.iter().chain(["9434765918", "943 476 5919"].iter()) {
