@@ -55,19 +55,9 @@ async fn every_response_carries_a_request_id_and_a_callers_own_id_is_kept() {
 async fn a_refused_request_carries_a_request_id_and_is_counted() {
     for backend in backends() {
         let app = spawn_app(backend).await;
-        let scrape = || async {
-            app.client
-                .get(format!("{}/metrics", app.address))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        };
         let refused =
             r#"cpis_http_requests_total{method="POST",route="/v1/flag-checks",status="401"}"#;
-        let before = scrape().await;
+        let before = scrape(&app).await;
         let body = serde_json::json!({"patient": {"nhs_number": "9434765919"}});
         // No key at all, then a key no one was given: both refused before any handler runs.
         let unsigned = app
@@ -86,13 +76,25 @@ async fn a_refused_request_carries_a_request_id_and_is_counted() {
         assert_eq!(unknown.status, 401, "{unknown:?}");
         let id = unknown.headers["x-request-id"].to_str().unwrap();
         assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
-        let after = scrape().await;
+        let after = scrape(&app).await;
         assert_eq!(
             sample(&after, refused) - sample(&before, refused),
             2.0,
             "{after}"
         );
     }
+}
+
+/// The server's metrics, as Prometheus would scrape them.
+async fn scrape(app: &TestApp) -> String {
+    app.client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 fn sample(text: &str, prefix: &str) -> f64 {
@@ -109,17 +111,7 @@ async fn metrics_change_as_requests_are_made() {
         let w = app.world().await;
         app.post("/v1/plans", &w.la, cpp_plan("M-1", "9434765919"))
             .await;
-        let scrape = || async {
-            app.client
-                .get(format!("{}/metrics", app.address))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        };
-        let before = scrape().await;
+        let before = scrape(&app).await;
         app.post(
             "/v1/flag-checks",
             &w.care,
@@ -132,7 +124,7 @@ async fn metrics_change_as_requests_are_made() {
             serde_json::json!({"patient": {"nhs_number": "9990000018"}}),
         )
         .await;
-        let after = scrape().await;
+        let after = scrape(&app).await;
         let hits = r#"cpis_flag_checks_total{access="unscheduled",outcome="hit"}"#;
         let misses = r#"cpis_flag_checks_total{access="unscheduled",outcome="miss"}"#;
         assert_eq!(sample(&after, hits) - sample(&before, hits), 1.0, "{after}");
