@@ -2,6 +2,7 @@
 //! notifications by state (read at scrape time), delivery attempts and latency, job runs and durations, and
 //! what each purge removed, and log lines dropped. Labels carry routes and codes, never identifiers.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -24,12 +25,19 @@ pub struct Metrics {
     log_lines_dropped: IntCounter,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+/// `metric`, registered with `registry`.
+fn registered<C: Collector + Clone + 'static>(registry: &Registry, metric: C) -> C {
     registry
-        .register(Box::new(c.clone()))
+        .register(Box::new(metric.clone()))
         .expect("registered once");
-    c
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registered(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 fn histogram(
@@ -39,12 +47,11 @@ fn histogram(
     labels: &[&str],
     buckets: Vec<f64>,
 ) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .expect("valid metric");
-    registry
-        .register(Box::new(h.clone()))
-        .expect("registered once");
-    h
+    registered(
+        registry,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+            .expect("valid metric"),
+    )
 }
 
 impl Default for Metrics {
@@ -59,14 +66,14 @@ impl Metrics {
         let latency = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
         ];
-        let notifications = IntGaugeVec::new(
-            Opts::new("notifications", "Notifications by state"),
-            &["state"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(notifications.clone()))
-            .expect("registered once");
+        let notifications = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("notifications", "Notifications by state"),
+                &["state"],
+            )
+            .expect("valid metric"),
+        );
         Self {
             requests: counter(
                 &registry,
@@ -126,17 +133,14 @@ impl Metrics {
                 "Records removed or cleared by the purge job, by kind",
                 &["kind"],
             ),
-            log_lines_dropped: {
-                let c = IntCounter::new(
+            log_lines_dropped: registered(
+                &registry,
+                IntCounter::new(
                     "log_lines_dropped_total",
                     "Log lines dropped because standard error could not take them as fast as they came",
                 )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(c.clone()))
-                    .expect("registered once");
-                c
-            },
+                .expect("valid metric"),
+            ),
             registry,
         }
     }

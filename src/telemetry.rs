@@ -44,7 +44,9 @@ pub fn dropped_lines() -> u64 {
 
 /// Keeps the log thread running; dropping it (at the end of `main`) writes out what is queued.
 #[must_use = "the log thread stops when the guard is dropped"]
-pub struct LogGuard(#[allow(dead_code)] Option<WorkerGuard>);
+pub struct LogGuard {
+    _worker: Option<WorkerGuard>,
+}
 
 /// Installs the global subscriber writing to standard error; a second call is a no-op.
 ///
@@ -73,9 +75,11 @@ pub fn init(settings: &LogSettings) -> LogGuard {
     };
     if installed {
         let _ = DROPPED.set(dropped);
-        LogGuard(Some(guard))
+        LogGuard {
+            _worker: Some(guard),
+        }
     } else {
-        LogGuard(None)
+        LogGuard { _worker: None }
     }
 }
 
@@ -183,10 +187,13 @@ fn object_members(object: &str) -> &str {
         .trim()
 }
 
+/// `s` as a JSON string, quoted and escaped.
 fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+    serde_json::to_string(s).expect("a string always serialises")
 }
 
+/// Accepts a caller's request id if it is a short token, so ids can be followed across systems; otherwise
+/// makes one. A caller cannot smuggle arbitrary text into the logs this way.
 fn request_id_from(req: &ServiceRequest) -> String {
     req.headers()
         .get(REQUEST_ID_HEADER)

@@ -715,16 +715,15 @@ impl Db {
             url: settings.url.clone(),
             link_lost_at: Arc::new(AtomicU64::new(0)),
         };
+        fn cannot_open(e: impl std::fmt::Display) -> DbError {
+            DbError::Migration(format!("cannot open the database: {e}"))
+        }
         if matches!(kind, DatabaseKind::Sqlite { .. }) {
             // One connection first puts a new database file into WAL mode. The pool opens its connections
             // together, and on a file still in rollback mode each tries to change the mode: SQLite refuses all but
             // one at once, without waiting out the busy timeout, and r2d2 logged `database is locked` at ERROR
             // (4 of 40 first starts of `cpis migrate`) before it tried again.
-            drop(
-                manager
-                    .connect()
-                    .map_err(|e| DbError::Migration(format!("cannot open the database: {e}")))?,
-            );
+            drop(manager.connect().map_err(cannot_open)?);
         }
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size)
@@ -732,7 +731,7 @@ impl Db {
             .test_on_check_out(false)
             .connection_timeout(Duration::from_secs(settings.connect_timeout_secs))
             .build(manager.clone())
-            .map_err(|e| DbError::Migration(format!("cannot open the database: {e}")))?;
+            .map_err(cannot_open)?;
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let write_lock = Arc::new(Mutex::new(()));
         let (writer, jobs) = std::sync::mpsc::sync_channel(4 * MAX_BATCH);
