@@ -436,6 +436,107 @@ pub struct Occurrence<'a> {
     pub match_method: &'a str,
 }
 
+/// The document a notification carries: stored with it, signed and sent as the webhook's body, and read back for
+/// its email. Built in one pass from borrowed fields, without a `serde_json::Value` tree (the writer builds one
+/// for every flag check that hits and every flagged attendance). The fields are declared in alphabetical order,
+/// the order in which a `json!` object writes its keys, so the document is byte for byte what it was when it
+/// was built that way (tested).
+#[derive(serde::Serialize)]
+struct Payload<'a> {
+    data: PayloadData<'a>,
+    timestamp: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct PayloadData<'a> {
+    child: PayloadChild<'a>,
+    event: &'a str,
+    link: &'a str,
+    #[serde(rename = "match")]
+    matched: PayloadMatch<'a>,
+    notification_id: &'a str,
+    occurred_at: String,
+    plans: Vec<PayloadPlan<'a>>,
+    review: bool,
+    setting: PayloadSetting<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct PayloadChild<'a> {
+    initials: Option<&'a str>,
+    nhs_number: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct PayloadMatch<'a> {
+    method: &'a str,
+    review: bool,
+}
+
+#[derive(serde::Serialize)]
+struct PayloadPlan<'a> {
+    local_reference: &'a str,
+    plan_id: &'a str,
+    plan_type: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct PayloadSetting<'a> {
+    name: Option<&'a str>,
+    ods_code: Option<&'a str>,
+    #[serde(rename = "type")]
+    kind: Option<&'a str>,
+}
+
+/// The document of notification `id` to authority `la` about `occ`, naming `la`'s plans among `plans`.
+fn payload(
+    occ: &Occurrence,
+    id: &str,
+    now: NaiveDateTime,
+    withhold_setting: bool,
+    la: &str,
+    plans: &[PlanRow],
+    link: &str,
+) -> String {
+    let document = Payload {
+        data: PayloadData {
+            child: PayloadChild {
+                initials: occ.initials.as_deref(),
+                nhs_number: occ.nhs_number,
+            },
+            event: occ.event,
+            link,
+            matched: PayloadMatch {
+                method: occ.match_method,
+                review: occ.review,
+            },
+            notification_id: id,
+            occurred_at: format_timestamp(occ.occurred_at),
+            plans: plans
+                .iter()
+                .filter(|p| p.la_ods == la)
+                .map(|p| PayloadPlan {
+                    local_reference: &p.local_reference,
+                    plan_id: &p.id,
+                    plan_type: &p.plan_type,
+                })
+                .collect(),
+            review: occ.review,
+            setting: PayloadSetting {
+                name: occ.setting_name.filter(|_| !withhold_setting),
+                ods_code: Some(occ.setting_ods).filter(|_| !withhold_setting),
+                kind: occ.setting_type.map(|t| t.as_str()),
+            },
+        },
+        timestamp: format_timestamp(now),
+        kind: occ.event,
+    };
+    // Strings, booleans and options of them: nothing here can fail to serialise.
+    serde_json::to_string(&document).expect("a notification document serialises")
+}
+
 /// Writes the outbox rows for an occurrence: one notification per responsible authority of `plans` (active,
 /// applicable plans), unless the same visit was already notified within the window, or the setting is sensitive
 /// and policy says not to. Answers the ids of the notifications that now cover this occurrence.
@@ -472,26 +573,11 @@ pub fn enqueue(
             continue;
         }
         let id = crate::db::new_id();
-        let their_plans: Vec<&PlanRow> = plans.iter().filter(|p| p.la_ods == la).collect();
-        let payload = json!({
-            "type": occ.event,
-            "timestamp": format_timestamp(now),
-            "data": {
-                "notification_id": id,
-                "event": occ.event,
-                "occurred_at": format_timestamp(occ.occurred_at),
-                "review": occ.review,
-                "setting": {
-                    "ods_code": if withhold_setting { None } else { Some(occ.setting_ods) },
-                    "name": if withhold_setting { None } else { occ.setting_name },
-                    "type": occ.setting_type.map(|t| t.as_str()),
-                },
-                "child": {"nhs_number": occ.nhs_number, "initials": occ.initials},
-                "plans": their_plans.iter().map(|p| json!({"plan_id": p.id, "plan_type": p.plan_type, "local_reference": p.local_reference})).collect::<Vec<_>>(),
-                "match": {"method": occ.match_method, "review": occ.review},
-                "link": format!("{}/v1/notifications/{id}", public_base_url.trim_end_matches('/')),
-            }
-        });
+        let link = format!(
+            "{}/v1/notifications/{id}",
+            public_base_url.trim_end_matches('/')
+        );
+        let payload = payload(occ, &id, now, withhold_setting, la, plans, &link);
         let row = NotificationRow {
             id: id.clone(),
             org_ods: la.to_string(),
@@ -503,7 +589,7 @@ pub fn enqueue(
             setting_type: occ.setting_type.map(|t| t.as_str().to_string()),
             attendance_ref: occ.attendance_ref.map(str::to_string),
             occurred_at: occ.occurred_at.into(),
-            payload: Some(payload.to_string()),
+            payload: Some(payload),
             created_at: now.into(),
             updated_at: now.into(),
         };
@@ -666,6 +752,117 @@ mod tests {
             events: FLAG_ACCESSED.into(),
             updated_at: chrono::NaiveDateTime::default().into(),
         }
+    }
+
+    #[test]
+    fn a_notification_document_is_byte_for_byte_what_a_json_object_made() {
+        let at = |h| {
+            chrono::NaiveDate::from_ymd_opt(2026, 11, 27)
+                .unwrap()
+                .and_hms_opt(h, 5, 9)
+                .unwrap()
+        };
+        let plan = |id: &str, la: &str, reference: &str, kind: &str| PlanRow {
+            id: id.into(),
+            la_ods: la.into(),
+            local_reference: reference.into(),
+            nhs_number: "9434765919".into(),
+            plan_type: kind.into(),
+            start_date: at(0).date().into(),
+            end_date: None,
+            delete_date: None,
+            expected_delivery_date: None,
+            given_name: None,
+            family_name: None,
+            birth_date: None,
+            sex: None,
+            postcode: None,
+            office_phone: None,
+            emergency_duty_phone: None,
+            email: None,
+            version: 1,
+            created_at: at(0).into(),
+            updated_at: at(0).into(),
+            ended_at: None,
+        };
+        // Two plans of the authority told (one reference in need of escaping) and one of another authority.
+        let plans = [
+            plan("p1", "E08000025", "CP/\"7\"\u{e9}\n", "CPP"),
+            plan("p2", "E09000001", "LAC-1", "LAC"),
+            plan("p3", "E08000025", "UCPP-2", "UCPP"),
+        ];
+        let link = "https://cpis.example/v1/notifications/n1";
+        // What `enqueue` built before the typed document, kept here as the reference.
+        let reference = |occ: &Occurrence, withhold_setting: bool| {
+            let their_plans: Vec<&PlanRow> =
+                plans.iter().filter(|p| p.la_ods == "E08000025").collect();
+            json!({
+                "type": occ.event,
+                "timestamp": format_timestamp(at(12)),
+                "data": {
+                    "notification_id": "n1",
+                    "event": occ.event,
+                    "occurred_at": format_timestamp(occ.occurred_at),
+                    "review": occ.review,
+                    "setting": {
+                        "ods_code": if withhold_setting { None } else { Some(occ.setting_ods) },
+                        "name": if withhold_setting { None } else { occ.setting_name },
+                        "type": occ.setting_type.map(|t| t.as_str()),
+                    },
+                    "child": {"nhs_number": occ.nhs_number, "initials": occ.initials},
+                    "plans": their_plans.iter().map(|p| json!({"plan_id": p.id, "plan_type": p.plan_type, "local_reference": p.local_reference})).collect::<Vec<_>>(),
+                    "match": {"method": occ.match_method, "review": occ.review},
+                    "link": link,
+                }
+            })
+            .to_string()
+        };
+        let seen = Occurrence {
+            event: FLAG_ACCESSED,
+            nhs_number: "9434765919",
+            initials: Some("J.S.".into()),
+            setting_ods: "RXK01",
+            setting_name: Some("Sandwell \"General\" Hospital"),
+            setting_type: Some(SettingType::Ed),
+            occurred_at: at(11),
+            attendance_ref: None,
+            review: false,
+            match_method: "nhs_number",
+        };
+        let possible = Occurrence {
+            event: ATTENDANCE_FLAGGED,
+            initials: None,
+            setting_type: None,
+            attendance_ref: Some("a1"),
+            review: true,
+            match_method: "demographics",
+            ..seen
+        };
+        for (occ, withhold) in [(&seen, false), (&seen, true), (&possible, false)] {
+            let typed = payload(occ, "n1", at(12), withhold, "E08000025", &plans, link);
+            assert_eq!(typed, reference(occ, withhold));
+        }
+        // And it reads back as the document a receiver expects.
+        let doc: Value = serde_json::from_str(&payload(
+            &seen,
+            "n1",
+            at(12),
+            false,
+            "E08000025",
+            &plans,
+            link,
+        ))
+        .unwrap();
+        assert_eq!(doc["data"]["plans"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            doc["data"]["plans"][0]["local_reference"],
+            "CP/\"7\"\u{e9}\n"
+        );
+        assert_eq!(
+            doc["data"]["setting"]["name"],
+            "Sandwell \"General\" Hospital"
+        );
+        assert_eq!(doc["data"]["match"]["method"], "nhs_number");
     }
 
     #[test]
