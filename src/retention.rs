@@ -212,29 +212,11 @@ mod tests {
 
     fn plan(kind: &str, end: Option<&str>, delete: Option<&str>, edd: Option<&str>) -> PlanRow {
         let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
-        let t = d("2025-01-01").and_hms_opt(0, 0, 0).unwrap();
         PlanRow {
-            id: "p".into(),
-            la_ods: "E1".into(),
-            local_reference: "r".into(),
-            nhs_number: "9434765919".into(),
-            plan_type: kind.into(),
-            start_date: d("2025-01-01").into(),
             end_date: end.map(d).map(Into::into),
             delete_date: delete.map(d).map(Into::into),
             expected_delivery_date: edd.map(d).map(Into::into),
-            given_name: None,
-            family_name: None,
-            birth_date: None,
-            sex: None,
-            postcode: None,
-            office_phone: None,
-            emergency_duty_phone: None,
-            email: None,
-            version: 1,
-            created_at: t.into(),
-            updated_at: t.into(),
-            ended_at: None,
+            ..PlanRow::sample(kind, d("2025-01-01"))
         }
     }
 

@@ -173,6 +173,38 @@ pub enum StatusFilter {
     Ended,
 }
 
+#[cfg(test)]
+impl PlanRow {
+    /// A plan of `kind` from `start` with only what identifies it set (plan `p` of authority `E1`), for a unit test
+    /// to adjust with struct update syntax.
+    pub fn sample(kind: &str, start: NaiveDate) -> Self {
+        let at = start.and_time(chrono::NaiveTime::MIN);
+        PlanRow {
+            id: "p".into(),
+            la_ods: "E1".into(),
+            local_reference: "r".into(),
+            nhs_number: "9434765919".into(),
+            plan_type: kind.into(),
+            start_date: start.into(),
+            end_date: None,
+            delete_date: None,
+            expected_delivery_date: None,
+            given_name: None,
+            family_name: None,
+            birth_date: None,
+            sex: None,
+            postcode: None,
+            office_phone: None,
+            emergency_duty_phone: None,
+            email: None,
+            version: 1,
+            created_at: at.into(),
+            updated_at: at.into(),
+            ended_at: None,
+        }
+    }
+}
+
 impl PlanRow {
     /// Whether the plan is in force on `today`.
     pub fn status(&self, today: NaiveDate) -> crate::domain::PlanStatus {

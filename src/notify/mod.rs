@@ -766,24 +766,7 @@ mod tests {
             id: id.into(),
             la_ods: la.into(),
             local_reference: reference.into(),
-            nhs_number: "9434765919".into(),
-            plan_type: kind.into(),
-            start_date: at(0).date().into(),
-            end_date: None,
-            delete_date: None,
-            expected_delivery_date: None,
-            given_name: None,
-            family_name: None,
-            birth_date: None,
-            sex: None,
-            postcode: None,
-            office_phone: None,
-            emergency_duty_phone: None,
-            email: None,
-            version: 1,
-            created_at: at(0).into(),
-            updated_at: at(0).into(),
-            ended_at: None,
+            ..PlanRow::sample(kind, at(0).date())
         };
         // Two plans of the authority told (one reference in need of escaping) and one of another authority.
         let plans = [
