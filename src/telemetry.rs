@@ -100,7 +100,8 @@ where
 /// span the event happened in as `span` (its fields and `name`). This is the shape of tracing-subscriber's JSON
 /// format with `flatten_event` and `with_current_span`; that format reads each span's stored fields back with a
 /// JSON parser for every line, which made a request's "request completed" line cost more than answering
-/// `/health/live`. This one copies the stored fields (JSON written by [`JsonSpanFields`]) as they are.
+/// `/health/live`. This one writes the event's fields as it visits them ([`JsonMembers`]) and copies the span's
+/// stored fields (written by [`JsonSpanFields`]) as they are.
 struct JsonLine;
 
 impl<S, N> FormatEvent<S, N> for JsonLine
@@ -115,15 +116,13 @@ where
         event: &Event<'_>,
     ) -> std::fmt::Result {
         let meta = event.metadata();
-        let mut fields = String::new();
-        ctx.format_fields(Writer::new(&mut fields), event)?;
         writer.write_str("{\"timestamp\":\"")?;
         SystemTime.format_time(&mut writer)?;
         write!(writer, "\",\"level\":\"{}\"", meta.level())?;
-        let fields = object_members(&fields);
-        if !fields.is_empty() {
-            write!(writer, ",{fields}")?;
-        }
+        // The event's fields go straight into the line, after the level.
+        let mut members = JsonMembers::new(&mut writer, false);
+        event.record(&mut members);
+        members.result?;
         // A target is a module path or a name the code chose; written as a JSON string all the same.
         writer.write_str(",\"target\":")?;
         json_string_into(&mut writer, meta.target())?;
@@ -292,12 +291,10 @@ fn json_string_into(out: &mut dyn std::fmt::Write, s: &str) -> std::fmt::Result 
 /// The members of a JSON object as [`JsonSpanFields`] writes it (`{"a":1,"b":"x"}` gives `"a":1,"b":"x"`); empty for
 /// no fields.
 fn object_members(object: &str) -> &str {
-    let object = object.trim();
     object
         .strip_prefix('{')
         .and_then(|o| o.strip_suffix('}'))
         .unwrap_or("")
-        .trim()
 }
 
 /// Accepts a caller's request id if it is a short token, so ids can be followed across systems; otherwise

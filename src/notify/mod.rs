@@ -490,6 +490,14 @@ struct PayloadSetting<'a> {
     kind: Option<&'a str>,
 }
 
+/// Where an authority reads notification `id` in the API.
+fn link(public_base_url: &str, id: &str) -> String {
+    format!(
+        "{}/v1/notifications/{id}",
+        public_base_url.trim_end_matches('/')
+    )
+}
+
 /// The document of notification `id` to authority `la` about `occ`, naming `la`'s plans among `plans`.
 fn payload(
     occ: &Occurrence,
@@ -573,10 +581,7 @@ pub fn enqueue(
             continue;
         }
         let id = crate::db::new_id();
-        let link = format!(
-            "{}/v1/notifications/{id}",
-            public_base_url.trim_end_matches('/')
-        );
+        let link = link(public_base_url, &id);
         let payload = payload(occ, &id, now, withhold_setting, la, plans, &link);
         let row = NotificationRow {
             id: id.clone(),
@@ -617,7 +622,7 @@ pub fn enqueue_exhausted(
             "event": DELIVERY_EXHAUSTED,
             "undelivered": {"notification_id": dead.id, "event": dead.event, "org_ods": dead.org_ods,
                             "occurred_at": format_timestamp(dead.occurred_at)},
-            "link": format!("{}/v1/notifications/{}", public_base_url.trim_end_matches('/'), dead.id),
+            "link": link(public_base_url, &dead.id),
         }
     });
     let row = NotificationRow {
