@@ -19,6 +19,7 @@ use cpis::db::Db;
 use cpis::mpi::builtin::PersonRow;
 use cpis::mpi::synthetic::{Generator, NhsNumbers, Person};
 use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -352,30 +353,64 @@ fn cpu_secs(pid: u32) -> f64 {
         / 100.0
 }
 
-/// The CPU that cpis (process `server`) and the load generator use from `start` on.
+/// CPU seconds of each PostgreSQL process on this machine (its backends, one per connection, and its own
+/// background processes), by process id.
+fn postgres_cpu() -> HashMap<u32, f64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|pid| (pid, cpu_secs(pid)))
+        .collect()
+}
+
+/// The CPU that cpis (process `server`), the load generator and, on PostgreSQL, the database server's processes
+/// use from `start` on.
 struct CpuMeter {
     server: u32,
     at_start: (f64, f64),
+    postgres_at_start: Option<HashMap<u32, f64>>,
     started: Instant,
 }
 
 impl CpuMeter {
-    fn start(server: u32) -> Self {
+    fn start(server: u32, postgres: bool) -> Self {
         CpuMeter {
             server,
             at_start: (cpu_secs(server), cpu_secs(std::process::id())),
+            postgres_at_start: postgres.then(postgres_cpu),
             started: Instant::now(),
         }
     }
 
-    /// Prints the CPU per request over `requests` requests, and the cores each kept busy.
+    /// Prints the CPU per request over `requests` requests, and the cores each kept busy. PostgreSQL's figure
+    /// counts the processes running at the end, from zero for those that started since (a process that ended in
+    /// between is left out).
     fn print(&self, requests: f64) {
         let wall = self.started.elapsed().as_secs_f64();
         let cpis = cpu_secs(self.server) - self.at_start.0;
         let generator = cpu_secs(std::process::id()) - self.at_start.1;
+        let postgres = self.postgres_at_start.as_ref().map(|before| {
+            postgres_cpu()
+                .into_iter()
+                .map(|(pid, now)| now - before.get(&pid).copied().unwrap_or(0.0))
+                .sum::<f64>()
+        });
         if requests > 0.0 {
+            let database = postgres.map_or(String::new(), |pg| {
+                format!(
+                    ", PostgreSQL {:.0} µs ({:.2} cores busy)",
+                    1e6 * pg / requests,
+                    pg / wall
+                )
+            });
             println!(
-                "|   (CPU per request: cpis {:.0} µs, load generator {:.0} µs; cores busy: {cpis_cores:.2} and {generator_cores:.2}) | | | | | | |",
+                "|   (CPU per request: cpis {:.0} µs, load generator {:.0} µs{database}; cores busy: {cpis_cores:.2} and {generator_cores:.2}) | | | | | | |",
                 1e6 * cpis / requests,
                 1e6 * generator / requests,
                 cpis_cores = cpis / wall,
@@ -486,7 +521,7 @@ where
     F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 {
     let before = writer_counts(client, base).await;
-    let cpu = CpuMeter::start(server);
+    let cpu = CpuMeter::start(server, args.backend == "postgres");
     let f = load(client, args.concurrency, args.seconds, make).await;
     let after = writer_counts(client, base).await;
     row(name, f, reference);
@@ -557,7 +592,7 @@ async fn run(args: Args) {
     println!("\n| scenario | throughput | p50 | p90 | p99 | errors | of /health/live |");
     println!("|---|---|---|---|---|---|---|");
     let b = base.clone();
-    let cpu = CpuMeter::start(server.child.id());
+    let cpu = CpuMeter::start(server.child.id(), args.backend == "postgres");
     let health = load(&client, args.concurrency, args.seconds, move |c, _| {
         c.get(format!("{b}/health/live"))
     })
@@ -782,7 +817,7 @@ async fn delivery(
         )
         .unwrap();
     }
-    let mut sent_at = std::collections::HashMap::new();
+    let mut sent_at = HashMap::new();
     for i in 0..args.notifications {
         let nhs = &flagged[(i * 31) % (flagged.len() - 1000)];
         let r: serde_json::Value = client

@@ -1512,18 +1512,19 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertOrFa
     }
 }
 
-/// Rows per multi-row insert on PostgreSQL: the widest row has fewer than 30 columns, so a statement stays well
-/// under the server's limit of 65,535 bound values.
-const PG_ROWS_PER_INSERT: usize = 1000;
-
 /// Multi-row inserts, which diesel's connection enum cannot express for both backends at once: the same
 /// statement, typed once per backend.
 ///
 /// On SQLite, rows go in fixed-size chunks (64, 16, 4, then 1 at a time): a fixed-size array of rows is one
 /// multi-row statement whose prepared form diesel finds by type, so each table has four statements, prepared
 /// once per connection (a slice of any length would be a new SQL text, built and looked up on every call). On
-/// PostgreSQL, where each statement is a round trip to the server, rows go [`PG_ROWS_PER_INSERT`] to a
-/// statement. Callers pass all their rows at once; the limits on bound values are kept here. The row
+/// PostgreSQL, where each statement is a round trip to the server, the chunks are the powers of two from 512
+/// down to 1, so `n` rows take as many statements as `n` has bits set (a batch of 9 takes two, a bulk file's
+/// chunk of 1,000 six), each prepared once per connection by the server. A slice would be an unnamed statement
+/// that PostgreSQL parses, analyses and plans on every call: half its time on a bulk file's inserts, and a
+/// sixth of the writer's session under flag checks (BENCHMARKS.md, change 62). The widest row has fewer than 30
+/// columns, so 512 rows stay well under either database's limit on bound values (32,766 and 65,535). Callers
+/// pass all their rows at once. The row
 /// types are `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a
 /// multi-row insert for SQLite and runs one insert per row inside a savepoint instead.
 macro_rules! batch_insert {
@@ -1534,9 +1535,27 @@ macro_rules! batch_insert {
             let conn = match conn {
                 DbConnection::Postgres(c) => {
                     let mut inserted = 0;
-                    for chunk in rows.chunks(PG_ROWS_PER_INSERT) {
-                        inserted += diesel::insert_into($table).values(chunk).execute(c)?;
+                    let mut rest = rows;
+                    macro_rules! pg_chunks_of {
+                        ($n:literal) => {
+                            while rest.len() >= $n {
+                                let (head, tail) = rest.split_at($n);
+                                let head: &[$row; $n] = head.try_into().expect("split at the chunk size");
+                                inserted += diesel::insert_into($table).values(head).execute(c)?;
+                                rest = tail;
+                            }
+                        };
                     }
+                    pg_chunks_of!(512);
+                    pg_chunks_of!(256);
+                    pg_chunks_of!(128);
+                    pg_chunks_of!(64);
+                    pg_chunks_of!(32);
+                    pg_chunks_of!(16);
+                    pg_chunks_of!(8);
+                    pg_chunks_of!(4);
+                    pg_chunks_of!(2);
+                    pg_chunks_of!(1);
                     return Ok(inserted);
                 }
                 DbConnection::Sqlite(c) => c,

@@ -317,3 +317,108 @@ async fn a_child_on_two_rows_of_a_file_is_one_person_with_both_plans() {
         assert_eq!(types, ["CPP", "LAC"]);
     }
 }
+
+/// A bulk file's chunk, or a group commit's batch, goes in as multi-row inserts of a few fixed sizes. Every row
+/// is stored as given whatever the count, and on PostgreSQL each size is one statement the server prepares once
+/// per connection: a statement with a new number of rows would be parsed and planned again on every batch, which
+/// was half the time PostgreSQL spent on an import's inserts.
+#[test]
+fn rows_inserted_together_are_all_stored_and_postgresql_prepares_each_size_once() {
+    use cpis::db::models::AccessRow;
+    use cpis::db::schema::accesses;
+    use cpis::db::DbConnection;
+    use diesel::prelude::*;
+
+    /// An access as read back: id, NHS number, setting type, practitioner's name, key.
+    type Stored = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+
+    #[derive(QueryableByName)]
+    struct Prepared {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        statement: String,
+    }
+
+    let at = chrono::NaiveDate::from_ymd_opt(2026, 1, 1)
+        .unwrap()
+        .and_hms_opt(9, 30, 0)
+        .unwrap();
+    for backend in backends() {
+        let test_db = TestDb::new(backend);
+        let db = test_db.db();
+        db.write_blocking(|conn| {
+            let mut prepared_after_first_pass = None;
+            for pass in ["a", "b"] {
+                // Each chunk size (512 down to 1) alone, around it, and several together.
+                for count in [1usize, 2, 3, 7, 8, 9, 63, 64, 65, 511, 512, 513, 1000, 1023] {
+                    let rows: Vec<AccessRow> = (0..count)
+                        .map(|i| AccessRow {
+                            id: format!("{pass}-{count:04}-{i:04}"),
+                            nhs_number: test_nhs_number(i as u32 % 50),
+                            at: at.into(),
+                            setting_ods: "RX1".into(),
+                            setting_type: (i % 3 == 0).then(|| "ED".to_string()),
+                            kind: "check".into(),
+                            access: "unscheduled".into(),
+                            practitioner_name: (i % 2 == 0).then(|| format!("Dr Ó'Brien {i}")),
+                            practitioner_role: None,
+                            key_id: Some(format!("key-{i}")),
+                        })
+                        .collect();
+                    assert_eq!(
+                        cpis::db::insert_accesses(conn, &rows)?,
+                        count,
+                        "{backend:?}"
+                    );
+                    let stored: Vec<Stored> = cpis::on_backend!(&mut *conn, |c| accesses::table
+                        .filter(accesses::id.like(format!("{pass}-{count:04}-%")))
+                        .select((
+                            accesses::id,
+                            accesses::nhs_number,
+                            accesses::setting_type,
+                            accesses::practitioner_name,
+                            accesses::key_id,
+                        ))
+                        .order(accesses::id)
+                        .load(c))?;
+                    let expected: Vec<_> = rows
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.id.clone(),
+                                r.nhs_number.clone(),
+                                r.setting_type.clone(),
+                                r.practitioner_name.clone(),
+                                r.key_id.clone(),
+                            )
+                        })
+                        .collect();
+                    assert_eq!(stored, expected, "{backend:?}, {count} rows");
+                }
+                if let DbConnection::Postgres(c) = &mut *conn {
+                    let prepared: Vec<String> = diesel::sql_query(
+                        "SELECT statement FROM pg_prepared_statements \
+                         WHERE statement LIKE 'INSERT INTO \"accesses\"%'",
+                    )
+                    .load::<Prepared>(c)?
+                    .into_iter()
+                    .map(|p| p.statement)
+                    .collect();
+                    // 512, 256, ..., 1: ten sizes, each prepared once, and no more on the second pass.
+                    assert_eq!(prepared.len(), 10, "{prepared:?}");
+                    match &prepared_after_first_pass {
+                        None => prepared_after_first_pass = Some(prepared),
+                        Some(first) => assert_eq!(&prepared, first),
+                    }
+                }
+            }
+            Ok::<_, cpis::db::DbError>(())
+        })
+        .unwrap();
+    }
+}
