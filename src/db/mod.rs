@@ -1518,15 +1518,15 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertOrFa
 /// On SQLite, rows go in fixed-size chunks (64, 16, 4, then 1 at a time): a fixed-size array of rows is one
 /// multi-row statement whose prepared form diesel finds by type, so each table has four statements, prepared
 /// once per connection (a slice of any length would be a new SQL text, built and looked up on every call). On
-/// PostgreSQL, where each statement is a round trip to the server, the chunks are the powers of two from 512
-/// down to 1, so `n` rows take as many statements as `n` has bits set (a batch of 9 takes two, a bulk file's
-/// chunk of 1,000 six), each prepared once per connection by the server. A slice would be an unnamed statement
-/// that PostgreSQL parses, analyses and plans on every call: half its time on a bulk file's inserts, and a
-/// sixth of the writer's session under flag checks (BENCHMARKS.md, change 62). The widest row has fewer than 30
-/// columns, so 512 rows stay well under either database's limit on bound values (32,766 and 65,535). Callers
-/// pass all their rows at once. The row
-/// types are `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a
-/// multi-row insert for SQLite and runs one insert per row inside a savepoint instead.
+/// PostgreSQL, where each statement is a round trip to the server, the chunks are the powers of two from 64
+/// down to 1, so a batch of `n` rows up to 127 takes as many statements as `n` has bits set (a batch of 9 takes
+/// two) and a bulk file's chunk of 1,000 seventeen, each prepared once per connection by the server. A slice
+/// would be an unnamed statement that PostgreSQL parses, analyses and plans on every call: about half its time
+/// on a bulk file's inserts, and a fifth of the writer's session under flag checks (BENCHMARKS.md, change 62).
+/// Chunks of up to 512 were no faster, and a prepared insert of 512 rows of 21 columns holds about 2.8 MB in
+/// its server session against 0.4 MB for one of 64. Callers pass all their rows at once. The row types are
+/// `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a multi-row
+/// insert for SQLite and runs one insert per row inside a savepoint instead.
 macro_rules! batch_insert {
     ($(#[$doc:meta])* $name:ident, $table:path, $row:ty) => {
         $(#[$doc])*
@@ -1546,9 +1546,6 @@ macro_rules! batch_insert {
                             }
                         };
                     }
-                    pg_chunks_of!(512);
-                    pg_chunks_of!(256);
-                    pg_chunks_of!(128);
                     pg_chunks_of!(64);
                     pg_chunks_of!(32);
                     pg_chunks_of!(16);
