@@ -1532,55 +1532,49 @@ macro_rules! batch_insert {
         $(#[$doc])*
         pub fn $name(conn: &mut DbConnection, rows: &[$row]) -> Result<usize, diesel::result::Error> {
             use diesel::prelude::*;
-            let conn = match conn {
-                DbConnection::Postgres(c) => {
-                    let mut inserted = 0;
-                    let mut rest = rows;
-                    macro_rules! pg_chunks_of {
-                        ($n:literal) => {
-                            while rest.len() >= $n {
-                                let (head, tail) = rest.split_at($n);
-                                let head: &[$row; $n] = head.try_into().expect("split at the chunk size");
-                                inserted += diesel::insert_into($table).values(head).execute(c)?;
-                                rest = tail;
-                            }
-                        };
-                    }
-                    pg_chunks_of!(64);
-                    pg_chunks_of!(32);
-                    pg_chunks_of!(16);
-                    pg_chunks_of!(8);
-                    pg_chunks_of!(4);
-                    pg_chunks_of!(2);
-                    pg_chunks_of!(1);
-                    return Ok(inserted);
-                }
-                DbConnection::Sqlite(c) => c,
-            };
             let mut inserted = 0;
             let mut rest = rows;
+            // While `$n` rows are left, inserts the next `$n` as the array `$head` with the statement `$insert`.
             macro_rules! chunks_of {
-                ($n:literal) => {
+                ($n:literal, |$head:ident| $insert:expr) => {
                     while rest.len() >= $n {
-                        let (head, tail) = rest.split_at($n);
-                        let head: &[$row; $n] = head.try_into().expect("split at the chunk size");
-                        // `INSERT OR FAIL` (see [`InsertOrFail`]): diesel's own statement with its operator changed.
-                        let plain = diesel::insert_into($table).values(head);
-                        inserted += diesel::query_builder::InsertStatement::new(
-                            plain.target,
-                            plain.records,
-                            InsertOrFail,
-                            plain.returning,
-                        )
-                        .execute(conn)?;
+                        let (chunk, tail) = rest.split_at($n);
+                        let $head: &[$row; $n] = chunk.try_into().expect("split at the chunk size");
+                        inserted += $insert;
                         rest = tail;
                     }
                 };
             }
-            chunks_of!(64);
-            chunks_of!(16);
-            chunks_of!(4);
-            chunks_of!(1);
+            match conn {
+                DbConnection::Postgres(c) => {
+                    chunks_of!(64, |head| diesel::insert_into($table).values(head).execute(c)?);
+                    chunks_of!(32, |head| diesel::insert_into($table).values(head).execute(c)?);
+                    chunks_of!(16, |head| diesel::insert_into($table).values(head).execute(c)?);
+                    chunks_of!(8, |head| diesel::insert_into($table).values(head).execute(c)?);
+                    chunks_of!(4, |head| diesel::insert_into($table).values(head).execute(c)?);
+                    chunks_of!(2, |head| diesel::insert_into($table).values(head).execute(c)?);
+                    chunks_of!(1, |head| diesel::insert_into($table).values(head).execute(c)?);
+                }
+                DbConnection::Sqlite(c) => {
+                    // `INSERT OR FAIL` (see [`InsertOrFail`]): diesel's own statement with its operator changed.
+                    macro_rules! or_fail {
+                        ($rows:expr) => {{
+                            let plain = diesel::insert_into($table).values($rows);
+                            diesel::query_builder::InsertStatement::new(
+                                plain.target,
+                                plain.records,
+                                InsertOrFail,
+                                plain.returning,
+                            )
+                            .execute(c)?
+                        }};
+                    }
+                    chunks_of!(64, |head| or_fail!(head));
+                    chunks_of!(16, |head| or_fail!(head));
+                    chunks_of!(4, |head| or_fail!(head));
+                    chunks_of!(1, |head| or_fail!(head));
+                }
+            }
             Ok(inserted)
         }
     };
