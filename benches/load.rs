@@ -68,6 +68,10 @@ impl Args {
     fn runs(&self, scenario: &str) -> bool {
         self.scenarios.iter().any(|s| s == scenario)
     }
+
+    fn on_postgres(&self) -> bool {
+        self.backend == "postgres"
+    }
 }
 
 struct Target {
@@ -77,7 +81,7 @@ struct Target {
 }
 
 fn target(args: &Args) -> Target {
-    if args.backend == "postgres" {
+    if args.on_postgres() {
         use diesel::connection::SimpleConnection;
         use diesel::Connection;
         let name = format!("cpis_bench_{}", std::process::id());
@@ -521,7 +525,7 @@ where
     F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 {
     let before = writer_counts(client, base).await;
-    let cpu = CpuMeter::start(server, args.backend == "postgres");
+    let cpu = CpuMeter::start(server, args.on_postgres());
     let f = load(client, args.concurrency, args.seconds, make).await;
     let after = writer_counts(client, base).await;
     row(name, f, reference);
@@ -592,7 +596,7 @@ async fn run(args: Args) {
     println!("\n| scenario | throughput | p50 | p90 | p99 | errors | of /health/live |");
     println!("|---|---|---|---|---|---|---|");
     let b = base.clone();
-    let cpu = CpuMeter::start(server.child.id(), args.backend == "postgres");
+    let cpu = CpuMeter::start(server.child.id(), args.on_postgres());
     let health = load(&client, args.concurrency, args.seconds, move |c, _| {
         c.get(format!("{b}/health/live"))
     })

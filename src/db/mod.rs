@@ -1547,13 +1547,18 @@ macro_rules! batch_insert {
             }
             match conn {
                 DbConnection::Postgres(c) => {
-                    chunks_of!(64, |head| diesel::insert_into($table).values(head).execute(c)?);
-                    chunks_of!(32, |head| diesel::insert_into($table).values(head).execute(c)?);
-                    chunks_of!(16, |head| diesel::insert_into($table).values(head).execute(c)?);
-                    chunks_of!(8, |head| diesel::insert_into($table).values(head).execute(c)?);
-                    chunks_of!(4, |head| diesel::insert_into($table).values(head).execute(c)?);
-                    chunks_of!(2, |head| diesel::insert_into($table).values(head).execute(c)?);
-                    chunks_of!(1, |head| diesel::insert_into($table).values(head).execute(c)?);
+                    macro_rules! plain {
+                        ($rows:expr) => {
+                            diesel::insert_into($table).values($rows).execute(c)?
+                        };
+                    }
+                    chunks_of!(64, |head| plain!(head));
+                    chunks_of!(32, |head| plain!(head));
+                    chunks_of!(16, |head| plain!(head));
+                    chunks_of!(8, |head| plain!(head));
+                    chunks_of!(4, |head| plain!(head));
+                    chunks_of!(2, |head| plain!(head));
+                    chunks_of!(1, |head| plain!(head));
                 }
                 DbConnection::Sqlite(c) => {
                     // `INSERT OR FAIL` (see [`InsertOrFail`]): diesel's own statement with its operator changed.
