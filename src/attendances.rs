@@ -195,8 +195,9 @@ pub fn find_flags(
     setting_name: Option<String>,
     setting: Option<SettingType>,
     resolution: &Resolution,
+    plans: Option<builtin::PlansFound>,
 ) -> Result<Found, Error> {
-    let view = flags::view(conn, resolution, today, setting)?;
+    let view = flags::view(conn, resolution, plans, today, setting)?;
     let possible = resolution.status == MatchStatus::Possible && !view.active_plans.is_empty();
     let setting_name = setting_name.filter(|_| view.hit || possible);
     Ok(Found { view, setting_name })
@@ -376,7 +377,7 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
                     .db
                     .write(move |conn| {
                         let name = crate::db::models::Organisation::find(conn, &att.setting_ods)?.map(|o| o.name);
-                        let found = find_flags(conn, today, name, att.setting(), &resolution)?;
+                        let found = find_flags(conn, today, name, att.setting(), &resolution, None)?;
                         let notified = apply_resolution(conn, now, &mut att, &resolution, &found, &settings)?;
                         let view = found.view;
                         att.rematch_attempts += 1;

@@ -4,6 +4,7 @@
 use crate::db::models::{Organisation, PlanRow};
 use crate::db::DbConnection;
 use crate::domain::{PlanStatus, PlanType, SettingType};
+use crate::mpi::builtin::PlansFound;
 use crate::mpi::{MatchStatus, Resolution};
 use crate::plans;
 use chrono::NaiveDate;
@@ -37,19 +38,25 @@ pub fn applies(plan: &PlanRow, setting: Option<SettingType>) -> bool {
     }
 }
 
-/// `setting` is the attendance's setting type, or `None` for a check.
+/// `setting` is the attendance's setting type, or `None` for a check. `found` are the plans held against the
+/// resolution's NHS number when its lookup read them too ([`crate::mpi::builtin::Resolved`]); otherwise they are read here.
 pub fn view(
     conn: &mut DbConnection,
     resolution: &Resolution,
+    found: Option<PlansFound>,
     today: NaiveDate,
     setting: Option<SettingType>,
 ) -> Result<FlagView, Error> {
     let Some(nhs) = resolution.nhs_number.clone() else {
         return Ok(FlagView::default());
     };
+    let found = match found {
+        Some(found) => found,
+        None => PlanRow::for_nhs_number(conn, &nhs)?,
+    };
     let mut plans = Vec::new();
     let mut orgs: Vec<Organisation> = Vec::new();
-    for (plan, org) in PlanRow::for_nhs_number(conn, &nhs)? {
+    for (plan, org) in found {
         if !applies(&plan, setting) {
             continue;
         }

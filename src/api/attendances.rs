@@ -146,11 +146,12 @@ pub async fn create(
                     return Ok::<_, ApiError>(Err(existing));
                 }
             }
-            let resolution = match resolved {
-                Ok(r) => r,
+            let (resolution, plans) = match resolved {
+                Ok(r) => (r.resolution, r.plans),
                 Err(MpiError::Unavailable(why)) => return Ok(Ok((None, Some(why)))),
             };
-            let found = attendances::find_flags(conn, today, Some(name), setting, &resolution)?;
+            let found =
+                attendances::find_flags(conn, today, Some(name), setting, &resolution, plans)?;
             Ok(Ok((Some((resolution, found)), None)))
         },
     )
@@ -273,7 +274,7 @@ async fn repeat(
         .write(move |conn| {
             let resolution = existing.resolution();
             let view = match &resolution {
-                Some(r) => flags::view(conn, r, today, existing.setting())?,
+                Some(r) => flags::view(conn, r, None, today, existing.setting())?,
                 None => FlagView::default(),
             };
             let notified = crate::notify::NotificationRow::ids_for_attendance(conn, &existing.id)?;

@@ -143,8 +143,9 @@ pub async fn perform(
         &check.patient,
         crate::mpi::builtin::Needs::MatchOnly,
         move |conn, resolved| {
-            let resolution = resolved.map_err(mpi_unavailable)?;
-            let view = flags::view(conn, &resolution, today, None)?;
+            let resolved = resolved.map_err(mpi_unavailable)?;
+            let resolution = resolved.resolution;
+            let view = flags::view(conn, &resolution, resolved.plans, today, None)?;
             let matched = resolution.status == MatchStatus::Matched;
             // The caller sees the accesses before this one; this one shows up in the next check.
             let recent = match (&view.nhs_number, matched && !view.flags.is_empty()) {

@@ -8,6 +8,7 @@ use super::{
     Candidate, LocalIdentifier, MatchStatus, Method, Mpi, MpiError, PatientQuery, Resolution,
     Thresholds,
 };
+use crate::db::models::{Organisation, PlanRow};
 use crate::db::schema::{person_identifiers, persons};
 use crate::db::stamp::{Day, Stamp};
 use crate::db::{Db, DbConnection, DbError};
@@ -71,16 +72,6 @@ impl PersonRow {
             .optional())
     }
 
-    /// Whether a person with this NHS number is known, read from the NHS number's index alone (no table row).
-    pub fn is_known(conn: &mut DbConnection, nhs: &str) -> Result<bool, Error> {
-        crate::on_backend!(conn, |c| diesel::select(diesel::dsl::exists(
-            persons::table
-                .filter(persons::nhs_number.eq(nhs))
-                .select(persons::nhs_number)
-        ))
-        .get_result(c))
-    }
-
     pub fn find(conn: &mut DbConnection, id: &str) -> Result<Option<Self>, Error> {
         persons::table
             .find(id)
@@ -133,47 +124,109 @@ pub enum Needs {
     MatchOnly,
 }
 
+/// The plans held against one NHS number, each with its responsible authority (none if the authority is not in
+/// the directory), earliest start first.
+pub type PlansFound = Vec<(PlanRow, Option<Organisation>)>;
+
+/// A resolution, and the plans held against its NHS number when the lookup that matched it read them too
+/// ([`find_with_plans`]); `None` when they are still to be read.
+#[derive(Debug)]
+pub struct Resolved {
+    pub resolution: Resolution,
+    pub plans: Option<PlansFound>,
+}
+
+impl From<Resolution> for Resolved {
+    fn from(resolution: Resolution) -> Self {
+        Resolved {
+            resolution,
+            plans: None,
+        }
+    }
+}
+
+/// The person with this NHS number (their id when `needs` asks for it) and the plans held against it, in one
+/// statement: the NHS number's index joined to the plans' and the authorities'. A flag check or an attendance
+/// by NHS number makes one round trip to PostgreSQL for both, where it made two. `None` if no person has it.
+pub fn find_with_plans(
+    conn: &mut DbConnection,
+    nhs: &str,
+    needs: Needs,
+) -> Result<Option<(Option<String>, PlansFound)>, Error> {
+    use crate::db::schema::{organisations, plans};
+    // `$person` is the first column: the person's id, or for a check their NHS number (read from the index).
+    macro_rules! joined {
+        ($c:ident, $person:expr) => {
+            persons::table
+                .left_join(plans::table.on(plans::nhs_number.nullable().eq(persons::nhs_number)))
+                .left_join(
+                    organisations::table.on(organisations::ods_code
+                        .nullable()
+                        .eq(plans::la_ods.nullable())),
+                )
+                .filter(persons::nhs_number.eq(nhs))
+                .select((
+                    $person,
+                    Option::<PlanRow>::as_select(),
+                    Option::<Organisation>::as_select(),
+                ))
+                .load::<(Option<String>, Option<PlanRow>, Option<Organisation>)>($c)
+        };
+    }
+    let rows = match needs {
+        Needs::PersonId => crate::on_backend!(conn, |c| joined!(c, persons::id.nullable()))?,
+        Needs::MatchOnly => crate::on_backend!(conn, |c| joined!(c, persons::nhs_number))?,
+    };
+    let mut rows = rows.into_iter().peekable();
+    let Some((first, _, _)) = rows.peek() else {
+        return Ok(None);
+    };
+    let person_id = match needs {
+        Needs::PersonId => first.clone(),
+        Needs::MatchOnly => None,
+    };
+    let mut plans: PlansFound = rows
+        .filter_map(|(_, plan, org)| plan.map(|p| (p, org)))
+        .collect();
+    // Sorted here rather than by the statement: on PostgreSQL a sort step adds a seventh to a miss's CPU, though
+    // a miss reads no plan (pgbench, BENCHMARKS.md).
+    plans.sort_by(|(a, _), (b, _)| (a.start_date, &a.id).cmp(&(b.start_date, &b.id)));
+    Ok(Some((person_id, plans)))
+}
+
 /// NHS number, then linked identifier, then demographics; the first that finds someone wins.
 pub fn resolve(
     conn: &mut DbConnection,
     query: &PatientQuery,
     thresholds: Thresholds,
 ) -> Result<Resolution, Error> {
-    resolve_for(conn, query, thresholds, Needs::PersonId)
+    resolve_for(conn, query, thresholds, Needs::PersonId).map(|r| r.resolution)
 }
 
-/// [`resolve`], leaving out a person's id matched by NHS number when the caller does not need it.
+/// [`resolve`], leaving out a person's id matched by NHS number when the caller does not need it. A match by NHS
+/// number comes with the plans held against it, read in the same statement ([`find_with_plans`]).
 pub fn resolve_for(
     conn: &mut DbConnection,
     query: &PatientQuery,
     thresholds: Thresholds,
     needs: Needs,
-) -> Result<Resolution, Error> {
+) -> Result<Resolved, Error> {
     if let Some(nhs) = &query.nhs_number {
         let nhs = nhs.as_str();
-        let found = match needs {
-            Needs::PersonId => {
-                PersonRow::find_by_nhs(conn, nhs)?.map(|p| (p.nhs_number, Some(p.id)))
-            }
-            Needs::MatchOnly => {
-                PersonRow::is_known(conn, nhs)?.then(|| (Some(nhs.to_string()), None))
-            }
-        };
-        if let Some((nhs_number, person_id)) = found {
-            return Ok(Resolution::matched(
-                Method::NhsNumber,
-                nhs_number,
-                person_id,
-            ));
+        if let Some((person_id, plans)) = find_with_plans(conn, nhs, needs)? {
+            return Ok(Resolved {
+                resolution: Resolution::matched(
+                    Method::NhsNumber,
+                    Some(nhs.to_string()),
+                    person_id,
+                ),
+                plans: Some(plans),
+            });
         }
     }
     if let Some(identifier) = &query.identifier {
         if let Some(p) = find_by_identifier(conn, identifier)? {
-            return Ok(Resolution::matched(
-                Method::Identifier,
-                p.nhs_number,
-                Some(p.id),
-            ));
+            return Ok(Resolution::matched(Method::Identifier, p.nhs_number, Some(p.id)).into());
         }
     }
     if let Some(demographics) = &query.demographics {
@@ -181,7 +234,8 @@ pub fn resolve_for(
             return Ok(Resolution::from_candidates(
                 score_candidates(conn, &query.record())?,
                 thresholds,
-            ));
+            )
+            .into());
         }
     }
     Ok(Resolution::none(
@@ -192,7 +246,8 @@ pub fn resolve_for(
         } else {
             Method::Demographics
         },
-    ))
+    )
+    .into())
 }
 
 /// Demographic matching needs a birth date and a name; less than that cannot tell children apart.
@@ -472,7 +527,9 @@ mod tests {
     /// number's index without reading the person's row; an attendance, which records the person, gets the id.
     /// Either way an unknown number matches no one.
     #[test]
-    fn a_check_by_nhs_number_is_matched_from_the_index_alone_and_an_attendance_gets_the_person() {
+    fn a_match_by_nhs_number_reads_the_plans_in_the_same_statement_from_the_index_alone_for_a_check(
+    ) {
+        use crate::db::models::{Organisation, PlanRow};
         let mut conn = crate::db::tests::memory_sqlite();
         let now = chrono::NaiveDate::from_ymd_opt(2026, 11, 1)
             .unwrap()
@@ -480,6 +537,39 @@ mod tests {
             .unwrap();
         let id =
             upsert_person(&mut conn, now, Some("9434765919"), &Demographics::default()).unwrap();
+        // A second child, known and without a plan.
+        upsert_person(&mut conn, now, Some("9876543210"), &Demographics::default()).unwrap();
+        for (ods, name) in [("E1", "Exshire Council"), ("E2", "Wyeshire Council")] {
+            diesel::insert_into(crate::db::schema::organisations::table)
+                .values(Organisation {
+                    ods_code: ods.into(),
+                    name: name.into(),
+                    kind: "local_authority".into(),
+                    region: None,
+                    office_phone: None,
+                    emergency_duty_phone: None,
+                    email: None,
+                    created_at: now.into(),
+                    updated_at: now.into(),
+                })
+                .execute(&mut conn)
+                .unwrap();
+        }
+        let start = |d: u32| chrono::NaiveDate::from_ymd_opt(2026, 10, d).unwrap();
+        // Registered out of order, with two authorities.
+        for plan in [
+            PlanRow {
+                id: "later".into(),
+                la_ods: "E2".into(),
+                ..PlanRow::sample("CPP", start(20))
+            },
+            PlanRow::sample("LAC", start(3)),
+        ] {
+            diesel::insert_into(crate::db::schema::plans::table)
+                .values(plan)
+                .execute(&mut conn)
+                .unwrap();
+        }
         let thresholds = Thresholds {
             matched: 0.8,
             possible: 0.5,
@@ -488,25 +578,48 @@ mod tests {
             nhs_number: Some(NhsNumber::parse(nhs).unwrap()),
             ..Default::default()
         };
+        let held = |r: &Resolved| -> Vec<(String, Option<String>)> {
+            let plans = r.plans.as_ref().expect("plans read with the match");
+            plans
+                .iter()
+                .map(|(p, o)| (p.id.clone(), o.as_ref().map(|o| o.name.clone())))
+                .collect()
+        };
+        let expected = vec![
+            ("p".to_string(), Some("Exshire Council".to_string())),
+            ("later".to_string(), Some("Wyeshire Council".to_string())),
+        ];
 
         let (check, plans) = crate::db::tests::query_plans(&mut conn, |c| {
             resolve_for(c, &query("9434765919"), thresholds, Needs::MatchOnly).unwrap()
         });
-        assert_eq!(check.status, MatchStatus::Matched);
-        assert_eq!(check.method, Method::NhsNumber);
-        assert_eq!(check.nhs_number.as_deref(), Some("9434765919"));
-        assert_eq!(check.person_id, None);
+        assert_eq!(check.resolution.status, MatchStatus::Matched);
+        assert_eq!(check.resolution.method, Method::NhsNumber);
+        assert_eq!(check.resolution.nhs_number.as_deref(), Some("9434765919"));
+        assert_eq!(check.resolution.person_id, None);
+        assert_eq!(held(&check), expected);
         crate::db::tests::one_plan_with(&plans, "SEARCH persons USING COVERING INDEX");
 
-        let attendance =
-            resolve_for(&mut conn, &query("9434765919"), thresholds, Needs::PersonId).unwrap();
-        assert_eq!(attendance.status, MatchStatus::Matched);
-        assert_eq!(attendance.person_id, Some(id));
+        let (attendance, plans) = crate::db::tests::query_plans(&mut conn, |c| {
+            resolve_for(c, &query("9434765919"), thresholds, Needs::PersonId).unwrap()
+        });
+        assert_eq!(attendance.resolution.status, MatchStatus::Matched);
+        assert_eq!(attendance.resolution.person_id, Some(id));
+        assert_eq!(held(&attendance), expected);
+        crate::db::tests::one_plan_with(&plans, "SEARCH plans USING INDEX plans_nhs_number");
 
         for needs in [Needs::MatchOnly, Needs::PersonId] {
+            let planless = resolve_for(&mut conn, &query("9876543210"), thresholds, needs).unwrap();
+            assert_eq!(
+                planless.resolution.status,
+                MatchStatus::Matched,
+                "{needs:?}"
+            );
+            assert_eq!(held(&planless), vec![], "{needs:?}");
             let unknown = resolve_for(&mut conn, &query("9434765870"), thresholds, needs).unwrap();
-            assert_eq!(unknown.status, MatchStatus::None, "{needs:?}");
-            assert_eq!(unknown.person_id, None);
+            assert_eq!(unknown.resolution.status, MatchStatus::None, "{needs:?}");
+            assert_eq!(unknown.resolution.person_id, None);
+            assert!(unknown.plans.is_none(), "{needs:?}");
         }
     }
 }

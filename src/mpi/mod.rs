@@ -220,7 +220,7 @@ pub async fn resolve_then<T, E, F>(
     then: F,
 ) -> Result<T, E>
 where
-    F: FnOnce(&mut crate::db::DbConnection, Result<Resolution, MpiError>) -> Result<T, E>
+    F: FnOnce(&mut crate::db::DbConnection, Result<builtin::Resolved, MpiError>) -> Result<T, E>
         + Send
         + 'static,
     T: Send + 'static,
@@ -241,7 +241,7 @@ where
             }
         }
         None => {
-            let resolved = mpi.resolve(query).await;
+            let resolved = mpi.resolve(query).await.map(builtin::Resolved::from);
             db.read_before_write(move |conn| then(conn, resolved)).await
         }
     }
