@@ -234,3 +234,141 @@ async fn checks_validate_the_patient_and_the_setting() {
         elsewhere.problem(403);
     }
 }
+
+/// A child with plans from two authorities, the later-starting one registered first, is shown both, earliest
+/// start first, each with its own authority; a child the index knows without a plan is matched and shown none.
+/// On PostgreSQL the lookup by NHS number reads the person and the plans in one statement, one round trip,
+/// whatever it finds.
+#[tokio::test]
+async fn a_match_by_nhs_number_shows_every_plan_in_start_order_and_costs_postgresql_one_statement()
+{
+    use cpis::db::DbConnection;
+    use cpis::mpi::builtin::{resolve_for, Needs};
+    use cpis::mpi::{MatchStatus, PatientQuery, Thresholds};
+    use diesel::connection::{Connection, InstrumentationEvent};
+    use std::sync::{Arc, Mutex};
+
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let (child, planless, unknown) =
+            (test_nhs_number(1), test_nhs_number(2), test_nhs_number(3));
+        let mut later = cpp_plan("BCC-2", &child);
+        later["start_date"] = json!("2026-03-01");
+        let mut earlier = cpp_plan("CCC-1", &child);
+        earlier["plan_type"] = json!("LAC");
+        for (key, plan) in [(&w.la, later), (&w.other_la, earlier)] {
+            let resp = app.post("/v1/plans", key, plan).await;
+            assert_eq!(resp.status, 201, "{backend:?}: {resp:?}");
+        }
+        let db = app.db.db();
+        let now = chrono::Utc::now().naive_utc();
+        db.write_blocking(|conn| {
+            cpis::mpi::builtin::upsert_person(conn, now, Some(&planless), &Default::default())
+                .map_err(cpis::db::DbError::from)
+        })
+        .unwrap();
+
+        let check = |nhs: &str| {
+            let app = &app;
+            let (care, nhs) = (w.care.clone(), nhs.to_string());
+            async move {
+                let resp = app
+                    .post(
+                        "/v1/flag-checks",
+                        &care,
+                        json!({"patient": {"nhs_number": nhs}}),
+                    )
+                    .await;
+                assert_eq!(resp.status, 200, "{resp:?}");
+                resp.body
+            }
+        };
+        let shown = check(&child).await;
+        assert_eq!(shown["match"]["status"], "matched", "{backend:?}");
+        let flags: Vec<(String, String, String)> = shown["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["plan_type"].as_str().unwrap().to_string(),
+                    f["start_date"].as_str().unwrap().to_string(),
+                    f["responsible"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                (
+                    "LAC".into(),
+                    "2026-01-10".into(),
+                    "Coventry City Council".into()
+                ),
+                (
+                    "CPP".into(),
+                    "2026-03-01".into(),
+                    "Birmingham City Council".into()
+                ),
+            ],
+            "{backend:?}"
+        );
+        let none = check(&planless).await;
+        assert_eq!(none["match"]["status"], "matched", "{backend:?}");
+        assert_eq!(none["flags"], json!([]), "{backend:?}");
+        let missed = check(&unknown).await;
+        assert_eq!(missed["match"]["status"], "none", "{backend:?}");
+
+        // The statements one lookup sends, for a check and for an attendance, whatever it finds.
+        let thresholds = Thresholds {
+            matched: 0.8,
+            possible: 0.5,
+        };
+        let sent = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = sent.clone();
+        db.write_blocking(|conn| {
+            let count = move |event: InstrumentationEvent<'_>| {
+                if let InstrumentationEvent::StartQuery { query, .. } = event {
+                    seen.lock().unwrap().push(query.to_string());
+                }
+            };
+            match &mut *conn {
+                DbConnection::Postgres(c) => c.set_instrumentation(count),
+                DbConnection::Sqlite(c) => c.set_instrumentation(count),
+            }
+            for needs in [Needs::MatchOnly, Needs::PersonId] {
+                for (nhs, status, plans) in [
+                    (&child, MatchStatus::Matched, Some(2)),
+                    (&planless, MatchStatus::Matched, Some(0)),
+                    (&unknown, MatchStatus::None, None),
+                ] {
+                    sent.lock().unwrap().clear();
+                    let query = PatientQuery {
+                        nhs_number: Some(cpis::domain::NhsNumber::parse(nhs).unwrap()),
+                        ..Default::default()
+                    };
+                    let found = resolve_for(conn, &query, thresholds, needs)?;
+                    assert_eq!(found.resolution.status, status, "{backend:?} {needs:?}");
+                    assert_eq!(found.plans.map(|p| p.len()), plans, "{backend:?} {needs:?}");
+                    assert_eq!(
+                        found.resolution.person_id.is_some(),
+                        needs == Needs::PersonId && status == MatchStatus::Matched,
+                        "{backend:?} {needs:?}"
+                    );
+                    if backend == Backend::Postgres {
+                        let sent = sent.lock().unwrap();
+                        assert_eq!(sent.len(), 1, "{needs:?}: {sent:?}");
+                    }
+                }
+            }
+            let quiet = |_: InstrumentationEvent<'_>| {};
+            match &mut *conn {
+                DbConnection::Postgres(c) => c.set_instrumentation(quiet),
+                DbConnection::Sqlite(c) => c.set_instrumentation(quiet),
+            }
+            Ok::<_, cpis::db::DbError>(())
+        })
+        .unwrap();
+    }
+}
