@@ -116,12 +116,17 @@ pub async fn create(
     let patient = patient.expect("validated");
     let actor = principal.actor(role);
 
-    // A repeat is answered from what was stored, without asking the MPI again. Otherwise the resolution and
-    // the flags it finds are read together; only the writes go to the group-commit writer.
+    // A repeat is answered from what was stored. Otherwise the resolution and the flags it finds are read
+    // together; only the writes go to the group-commit writer.
     let (s, a, setting) = (setting_ods.clone(), attendance_id.clone(), setting_type);
     // The setting is the key's own organisation (`own_setting`), whose name came with the key.
     let name = principal.org_name.clone();
     let in_database = state.mpi.in_database(&patient).is_some();
+    // On SQLite a repeat is looked for in the read, in-process. On PostgreSQL that look would be a round trip on
+    // every attendance, for the rare repeat that the insert finds anyway (`ON CONFLICT DO NOTHING`, below): there a
+    // repeat is resolved again, its write's rows are dropped when the insert finds the first copy, and it is
+    // answered as any repeat is.
+    let look_in_read = in_database && state.db.is_sqlite();
     if !in_database {
         // An external MPI is asked before the reads: look for a repeat first.
         let (s, a) = (s.clone(), a.clone());
@@ -141,7 +146,7 @@ pub async fn create(
         &patient,
         crate::mpi::builtin::Needs::PersonId,
         move |conn, resolved| {
-            if in_database {
+            if look_in_read {
                 if let Some(existing) = AttendanceRow::find_by_source(conn, &s, &a)? {
                     return Ok::<_, ApiError>(Err(existing));
                 }

@@ -172,6 +172,10 @@ async fn a_possible_match_names_whom_to_contact_and_discloses_nothing_else() {
     }
 }
 
+/// A sender that sends an attendance again after it was stored (a retry after a lost answer) is answered from the
+/// first: same id, match, flags and notifications. Nothing the first recorded is recorded twice (on PostgreSQL
+/// the second is resolved again and its rows dropped when its insert finds the first), and the trail shows the
+/// repeat.
 #[tokio::test]
 async fn the_same_attendance_posted_twice_is_stored_once() {
     for backend in backends() {
@@ -182,8 +186,30 @@ async fn the_same_attendance_posted_twice_is_stored_once() {
         assert_eq!(first.status, 201, "{first:?}");
         let second = app.post("/v1/attendances", &r.cw_ed, body).await;
         assert_eq!(second.status, 200, "{second:?}");
-        assert_eq!(second.body["id"], first.body["id"]);
-        assert_eq!(second.body["match"], first.body["match"]);
+        for field in ["id", "match", "flags", "notifications"] {
+            assert_eq!(second.body[field], first.body[field], "{backend:?} {field}");
+        }
+        assert_eq!(first.body["notifications"].as_array().unwrap().len(), 1);
+        let list = app.get("/v1/notifications", &r.la).await;
+        assert_eq!(list.body["items"].as_array().unwrap().len(), 1, "{list:?}");
+        app.add_org("AUD01", "Information Governance", "other")
+            .await;
+        let auditor = app.key("AUD01", &["auditor"]).await;
+        let trail = app
+            .post(
+                "/v1/audit/search",
+                &auditor,
+                json!({"nhs_number": "9434765919"}),
+            )
+            .await;
+        let outcomes: Vec<&str> = trail.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "attendance.create")
+            .map(|e| e["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(outcomes, ["repeat", "flagged"], "{backend:?}: newest first");
         let check = app
             .post(
                 "/v1/flag-checks",
