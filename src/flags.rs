@@ -39,7 +39,8 @@ pub fn applies(plan: &PlanRow, setting: Option<SettingType>) -> bool {
 }
 
 /// `setting` is the attendance's setting type, or `None` for a check. `found` are the plans held against the
-/// resolution's NHS number when its lookup read them too ([`crate::mpi::builtin::Resolved`]); otherwise they are read here.
+/// resolution's NHS number when its lookup read them too ([`crate::mpi::builtin::Resolved`]); otherwise they are
+/// read here.
 pub fn view(
     conn: &mut DbConnection,
     resolution: &Resolution,

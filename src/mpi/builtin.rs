@@ -160,7 +160,7 @@ impl From<Resolution> for Resolved {
 ///
 /// On PostgreSQL, where each statement is a round trip, in one statement: the NHS number's index joined to the
 /// plans and their authorities. A hit or an attendance by NHS number then makes one round trip for both where it
-/// made two, and PostgreSQL spends about 60 µs less on it; a miss, which finds no person, costs 5 to 7 µs more
+/// made two, and PostgreSQL spends 40 to 60 µs less on it; a miss, which finds no person, costs 5 to 7 µs more
 /// than looking up the index alone (pgbench, BENCHMARKS.md). On SQLite, which reads in-process, the join cost
 /// misses 10 µs and hits 5 µs more than two statements (the joined tables' cursors are opened for every lookup),
 /// so there the person is looked up first and the plans read only for a known person.
@@ -218,8 +218,8 @@ pub fn find_with_plans(
     let mut plans: PlansFound = rows
         .filter_map(|(_, plan, org)| plan.map(|p| (p, org)))
         .collect();
-    // Sorted here, as `PlanRow::for_nhs_number` sorts them, rather than by the statement: a sort step adds a
-    // seventh to a miss's CPU in PostgreSQL, though a miss reads no plan (pgbench, BENCHMARKS.md).
+    // Sorted here, as `PlanRow::for_nhs_number` sorts them, rather than by the statement: a sort step adds
+    // about a tenth to a miss's CPU in PostgreSQL, though a miss reads no plan (pgbench, BENCHMARKS.md).
     plans.sort_by(|(a, _), (b, _)| (a.start_date, &a.id).cmp(&(b.start_date, &b.id)));
     Ok(Some((person_id, plans)))
 }
