@@ -257,6 +257,16 @@ pub fn may_teach_mpi(att: &AttendanceRow) -> bool {
     att.identifier_system.is_some() && att.identifier_value.is_some() && att.region.is_some()
 }
 
+/// Whether an attendance's own insert ([`insert`]) finds an earlier copy of it. On PostgreSQL it does (`ON CONFLICT
+/// DO NOTHING`, which also sees a copy another instance is storing): nothing need look for a copy before it, which
+/// would be a round trip on every attendance for a rare repeat. The repeat is resolved again, its write's rows are
+/// dropped when the insert finds the first copy, and it is answered as any repeat is. A write that may teach the
+/// MPI still looks first, as a copy must not teach it again. On SQLite the insert joins the batch and cannot tell;
+/// there a copy is looked for before it, in-process.
+pub fn insert_finds_copies(db: &crate::db::Db) -> bool {
+    !db.is_sqlite()
+}
+
 /// Whether a new attendance's write needs a savepoint of its own: only when it may teach the MPI ([`learn`], the
 /// one part that changes rows in place). Its other rows are buffered by the writer, and its own row is added by
 /// [`insert`], which cannot fail on a duplicate.

@@ -122,11 +122,8 @@ pub async fn create(
     // The setting is the key's own organisation (`own_setting`), whose name came with the key.
     let name = principal.org_name.clone();
     let in_database = state.mpi.in_database(&patient).is_some();
-    // On SQLite a repeat is looked for in the read, in-process. On PostgreSQL that look would be a round trip on
-    // every attendance, for the rare repeat that the insert finds anyway (`ON CONFLICT DO NOTHING`, below): there a
-    // repeat is resolved again, its write's rows are dropped when the insert finds the first copy, and it is
-    // answered as any repeat is.
-    let look_in_read = in_database && state.db.is_sqlite();
+    let insert_finds_copies = attendances::insert_finds_copies(&state.db);
+    let look_in_read = in_database && !insert_finds_copies;
     if !in_database {
         // An external MPI is asked before the reads: look for a repeat first.
         let (s, a) = (s.clone(), a.clone());
@@ -209,14 +206,12 @@ pub async fn create(
     // On SQLite, unless the MPI may learn a local identifier from it, an attendance only reads and adds rows the
     // writer holds until its batch commits (its own row among them), so it needs no savepoint of its own.
     let savepoint = attendances::needs_savepoint(&att);
-    let look_first = state.db.is_sqlite() || savepoint;
+    let look_first = !insert_finds_copies || savepoint;
     let stored = state
         .db
         .write_with(savepoint, move |conn| {
-            // Two copies of one attendance racing. On SQLite the second finds the first here, committed or
-            // earlier in the same batch. On PostgreSQL its insert below finds it instead (one round trip fewer,
-            // and it also sees a copy another instance is storing), unless this write may teach the MPI, which
-            // a copy must not do again.
+            // Two copies of one attendance racing: where the insert below cannot find the first
+            // (`attendances::insert_finds_copies`), the second finds it here, committed or earlier in the batch.
             let mark = crate::db::JobMark::now();
             if look_first {
                 if let Some(existing) = AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {

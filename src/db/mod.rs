@@ -1534,13 +1534,13 @@ macro_rules! batch_insert {
             use diesel::prelude::*;
             let mut inserted = 0;
             let mut rest = rows;
-            // While `$n` rows are left, inserts the next `$n` as the array `$head` with the statement `$insert`.
+            // While `$n` rows are left, inserts the next `$n` as one array with the statement `$insert!`.
             macro_rules! chunks_of {
-                ($n:literal, |$head:ident| $insert:expr) => {
+                ($insert:ident, $n:literal) => {
                     while rest.len() >= $n {
                         let (chunk, tail) = rest.split_at($n);
-                        let $head: &[$row; $n] = chunk.try_into().expect("split at the chunk size");
-                        inserted += $insert;
+                        let chunk: &[$row; $n] = chunk.try_into().expect("split at the chunk size");
+                        inserted += $insert!(chunk);
                         rest = tail;
                     }
                 };
@@ -1552,13 +1552,13 @@ macro_rules! batch_insert {
                             diesel::insert_into($table).values($rows).execute(c)?
                         };
                     }
-                    chunks_of!(64, |head| plain!(head));
-                    chunks_of!(32, |head| plain!(head));
-                    chunks_of!(16, |head| plain!(head));
-                    chunks_of!(8, |head| plain!(head));
-                    chunks_of!(4, |head| plain!(head));
-                    chunks_of!(2, |head| plain!(head));
-                    chunks_of!(1, |head| plain!(head));
+                    chunks_of!(plain, 64);
+                    chunks_of!(plain, 32);
+                    chunks_of!(plain, 16);
+                    chunks_of!(plain, 8);
+                    chunks_of!(plain, 4);
+                    chunks_of!(plain, 2);
+                    chunks_of!(plain, 1);
                 }
                 DbConnection::Sqlite(c) => {
                     // `INSERT OR FAIL` (see [`InsertOrFail`]): diesel's own statement with its operator changed.
@@ -1574,10 +1574,10 @@ macro_rules! batch_insert {
                             .execute(c)?
                         }};
                     }
-                    chunks_of!(64, |head| or_fail!(head));
-                    chunks_of!(16, |head| or_fail!(head));
-                    chunks_of!(4, |head| or_fail!(head));
-                    chunks_of!(1, |head| or_fail!(head));
+                    chunks_of!(or_fail, 64);
+                    chunks_of!(or_fail, 16);
+                    chunks_of!(or_fail, 4);
+                    chunks_of!(or_fail, 1);
                 }
             }
             Ok(inserted)

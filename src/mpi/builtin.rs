@@ -169,6 +169,7 @@ pub fn find_with_plans(
     nhs: &str,
     needs: Needs,
 ) -> Result<Option<(Option<String>, PlansFound)>, Error> {
+    use crate::db::schema::{organisations, plans};
     let c = match conn {
         DbConnection::Postgres(c) => c,
         DbConnection::Sqlite(_) => {
@@ -183,7 +184,6 @@ pub fn find_with_plans(
             return Ok(Some((person_id, PlanRow::for_nhs_number(conn, nhs)?)));
         }
     };
-    use crate::db::schema::{organisations, plans};
     // `$person` is the first column: the person's id, or for a check their NHS number (read from the index).
     macro_rules! joined {
         ($person:expr) => {
@@ -207,8 +207,7 @@ pub fn find_with_plans(
         Needs::PersonId => joined!(persons::id.nullable()),
         Needs::MatchOnly => joined!(persons::nhs_number),
     };
-    let mut rows = rows.into_iter().peekable();
-    let Some((first, _, _)) = rows.peek() else {
+    let Some((first, _, _)) = rows.first() else {
         return Ok(None);
     };
     let person_id = match needs {
@@ -216,6 +215,7 @@ pub fn find_with_plans(
         Needs::MatchOnly => None,
     };
     let mut plans: PlansFound = rows
+        .into_iter()
         .filter_map(|(_, plan, org)| plan.map(|p| (p, org)))
         .collect();
     // Sorted here, as `PlanRow::for_nhs_number` sorts them, rather than by the statement: a sort step adds
@@ -224,13 +224,17 @@ pub fn find_with_plans(
     Ok(Some((person_id, plans)))
 }
 
-/// NHS number, then linked identifier, then demographics; the first that finds someone wins.
+/// NHS number, then linked identifier, then demographics; the first that finds someone wins. For the `Mpi` trait,
+/// whose callers read the plans themselves if they need them: a person matched by NHS number is read alone.
 pub fn resolve(
     conn: &mut DbConnection,
     query: &PatientQuery,
     thresholds: Thresholds,
 ) -> Result<Resolution, Error> {
-    resolve_for(conn, query, thresholds, Needs::PersonId).map(|r| r.resolution)
+    let by_nhs = |conn: &mut DbConnection, nhs: &str| {
+        Ok(PersonRow::find_by_nhs(conn, nhs)?.map(|p| (Some(p.id), None)))
+    };
+    resolve_by(conn, query, thresholds, by_nhs).map(|r| r.resolution)
 }
 
 /// [`resolve`], leaving out a person's id matched by NHS number when the caller does not need it. A match by NHS
@@ -241,16 +245,32 @@ pub fn resolve_for(
     thresholds: Thresholds,
     needs: Needs,
 ) -> Result<Resolved, Error> {
+    let by_nhs = |conn: &mut DbConnection, nhs: &str| {
+        Ok(find_with_plans(conn, nhs, needs)?.map(|(id, plans)| (id, Some(plans))))
+    };
+    resolve_by(conn, query, thresholds, by_nhs)
+}
+
+/// The chain both share; `by_nhs` finds a person by NHS number: their id, and the plans if it read them.
+fn resolve_by(
+    conn: &mut DbConnection,
+    query: &PatientQuery,
+    thresholds: Thresholds,
+    by_nhs: impl FnOnce(
+        &mut DbConnection,
+        &str,
+    ) -> Result<Option<(Option<String>, Option<PlansFound>)>, Error>,
+) -> Result<Resolved, Error> {
     if let Some(nhs) = &query.nhs_number {
         let nhs = nhs.as_str();
-        if let Some((person_id, plans)) = find_with_plans(conn, nhs, needs)? {
+        if let Some((person_id, plans)) = by_nhs(conn, nhs)? {
             return Ok(Resolved {
                 resolution: Resolution::matched(
                     Method::NhsNumber,
                     Some(nhs.to_string()),
                     person_id,
                 ),
-                plans: Some(plans),
+                plans,
             });
         }
     }
