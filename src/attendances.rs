@@ -75,13 +75,14 @@ impl AttendanceRow {
         setting: &str,
         attendance_id: &str,
     ) -> Result<Option<Self>, Error> {
+        // On PostgreSQL a buffered attendance may yet turn out to be a copy ([`insert`]): only the table counts.
         let buffered = crate::db::deferred::with(|d| {
             d.attendances
                 .iter()
                 .find(|a| a.setting_ods == setting && a.attendance_id == attendance_id)
                 .cloned()
         });
-        if let Some(Some(found)) = buffered {
+        if let (DbConnection::Sqlite(_), Some(Some(found))) = (&conn, buffered) {
             return Ok(Some(found));
         }
         crate::on_backend!(conn, |c| attendances::table
@@ -260,7 +261,8 @@ pub fn may_teach_mpi(att: &AttendanceRow) -> bool {
 /// Whether an attendance's own insert ([`insert`]) finds an earlier copy of it. On PostgreSQL it does (`ON CONFLICT
 /// DO NOTHING`, which also sees a copy another instance is storing): nothing need look for a copy before it, which
 /// would be a round trip on every attendance for a rare repeat. The repeat is resolved again, its write's rows are
-/// dropped when the insert finds the first copy, and it is answered as any repeat is. A write that may teach the
+/// dropped when the insert finds the first copy (at once, or at the batch's end), and it is answered as any
+/// repeat is. A write that may teach the
 /// MPI still looks first, as a copy must not teach it again. On SQLite the insert joins the batch and cannot tell;
 /// there a copy is looked for before it, in-process.
 pub fn insert_finds_copies(db: &crate::db::Db) -> bool {
@@ -313,32 +315,59 @@ pub fn update(conn: &mut DbConnection, att: &AttendanceRow) -> Result<(), Error>
         .map(|_| ())
 }
 
-/// Stores a new attendance; on PostgreSQL hands it back, storing nothing, if another instance had just stored
-/// the same one (same setting and attendance id). On SQLite, inside the group-commit writer, it joins the batch's
-/// multi-row insert ([`crate::db::deferred`]), where [`AttendanceRow::find_by_source`] still finds it: the
-/// writer is the only one, so no copy can be stored behind its back. On PostgreSQL several instances may write
-/// at once, and a copy stored by another between the look and the insert would fail a whole batch at its end;
-/// there the insert runs at once and skips a duplicate (`ON CONFLICT DO NOTHING`, which waits for the other
-/// instance's transaction to end), so the write needs no savepoint: two statements fewer for the writer.
+/// What became of a new attendance's row ([`insert`]).
+pub enum Stored {
+    /// Stored, or buffered by the writer on SQLite, where a copy was looked for first.
+    Yes,
+    /// PostgreSQL: buffered by the writer, and inserted at its batch's end unless a copy is already stored; then
+    /// the write's rows are dropped and this says so.
+    AtBatchEnd(crate::db::deferred::CopyFound),
+    /// PostgreSQL: a copy was already stored, and this one was not.
+    Copy,
+}
+
+/// Stores a new attendance (call last in its write: `since` is where the write began).
+///
+/// On SQLite, inside the group-commit writer, it joins the batch's multi-row insert ([`crate::db::deferred`]),
+/// where [`AttendanceRow::find_by_source`] still finds it: the writer is the only one, and has looked for a copy
+/// first, so no copy can be stored behind its back.
+///
+/// On PostgreSQL several instances may write at once, so the insert skips a copy already stored (`ON CONFLICT DO
+/// NOTHING`, which waits for another instance's transaction holding one). Inside the writer it waits for the
+/// batch's end too ([`Stored::AtBatchEnd`]), where a copy takes out every row the write buffered: one round trip
+/// fewer for the writer per attendance. One that may teach the MPI ([`learn`]) changes rows in place, which
+/// cannot be dropped at the batch's end: it is inserted at once ([`Stored::Copy`] if a copy is found, for the
+/// caller to drop the write's rows).
 pub fn insert(
     conn: &mut DbConnection,
     att: AttendanceRow,
-) -> Result<Result<(), AttendanceRow>, Error> {
+    since: &crate::db::JobMark,
+) -> Result<Stored, Error> {
     match conn {
-        // One process writes, and the writer has looked for this attendance in the table and its batch.
         DbConnection::Sqlite(_) => {
             if let Some(att) = crate::db::deferred::keep(att, |d| &mut d.attendances) {
                 crate::db::insert_attendances(conn, std::slice::from_ref(&att))?;
             }
-            Ok(Ok(()))
+            Ok(Stored::Yes)
         }
-        // Another instance may have recorded the same attendance a moment ago: its row is kept, this one skipped.
         DbConnection::Postgres(c) => {
+            let att = if may_teach_mpi(&att) {
+                att
+            } else {
+                match crate::db::deferred::keep_unsure(att, since) {
+                    Ok(told) => return Ok(Stored::AtBatchEnd(told)),
+                    Err(att) => *att,
+                }
+            };
             let stored = diesel::insert_into(attendances::table)
                 .values(&att)
                 .on_conflict_do_nothing()
                 .execute(c)?;
-            Ok(if stored == 1 { Ok(()) } else { Err(att) })
+            Ok(if stored == 1 {
+                Stored::Yes
+            } else {
+                Stored::Copy
+            })
         }
     }
 }
@@ -421,10 +450,11 @@ pub async fn rematch(state: &AppState, batch: i64) -> anyhow::Result<RematchRepo
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn attendance(identifier: Option<&str>, region: Option<&str>) -> AttendanceRow {
+    /// An attendance at RBT01 (shared with the batch's tests).
+    pub(crate) fn attendance(identifier: Option<&str>, region: Option<&str>) -> AttendanceRow {
         let at = NaiveDate::from_ymd_opt(2026, 11, 20)
             .unwrap()
             .and_hms_opt(22, 15, 0)

@@ -151,6 +151,28 @@ pub fn batch_truncate(mark: usize) {
     });
 }
 
+/// Drops the events in `range` from the batch (a write found to be a copy at the batch's end,
+/// [`crate::db::deferred`]).
+pub fn batch_remove(range: std::ops::Range<usize>) {
+    BATCH.with(|b| {
+        if let Some(v) = b.borrow_mut().as_mut() {
+            v.drain(range);
+        }
+    });
+}
+
+/// The subjects of the batch's events, in order (tests).
+#[cfg(test)]
+pub(crate) fn batch_subjects() -> Vec<Option<String>> {
+    BATCH.with(|b| {
+        b.borrow()
+            .iter()
+            .flatten()
+            .map(|p| p.subject.clone())
+            .collect()
+    })
+}
+
 /// Chains and writes the batch's events (one head lock, multi-row inserts, one head update), in order.
 pub fn end_batch(conn: &mut DbConnection) -> Result<(), Error> {
     let pending = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();

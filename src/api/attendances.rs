@@ -7,7 +7,7 @@ use super::patient::{parse_patient, PatientBody};
 use super::ApiJson;
 #[allow(unused_imports)]
 use crate::api::openapi::ProblemDoc;
-use crate::attendances::{self, AttendanceRow, PENDING};
+use crate::attendances::{self, AttendanceRow, Stored, PENDING};
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::db::stamp::Day;
@@ -238,20 +238,33 @@ pub async fn create(
                 detail: Some(json!({"setting_ods": att.setting_ods, "setting_type": att.setting_type, "method": att.match_method}).to_string()),
             })?;
             let json = answer(&att, resolution.as_ref(), &view, &notified);
-            if let Err(skipped) = attendances::insert(conn, att)? {
-                // Another instance stored it a moment ago: this write's audit event and rows go, and the caller
-                // is answered as any repeat is.
-                mark.discard();
-                return match AttendanceRow::find_by_source(conn, &skipped.setting_ods, &skipped.attendance_id)? {
-                    Some(existing) => Ok(Err(existing)),
-                    None => Err(ApiError::Conflict("this attendance was being recorded by another request; send it again".into())),
-                };
+            let (source, notified) = ((att.setting_ods.clone(), att.attendance_id.clone()), !notified.is_empty());
+            match attendances::insert(conn, att, &mark)? {
+                Stored::Yes => Ok(Ok((json, notified, None))),
+                Stored::AtBatchEnd(copy) => Ok(Ok((json, notified, Some((copy, source))))),
+                Stored::Copy => {
+                    // Another instance stored it a moment ago: this write's audit event and rows go, and the
+                    // caller is answered as any repeat is.
+                    mark.discard();
+                    match AttendanceRow::find_by_source(conn, &source.0, &source.1)? {
+                        Some(existing) => Ok(Err(existing)),
+                        None => Err(being_recorded()),
+                    }
+                }
             }
-            Ok(Ok((json, !notified.is_empty())))
         })
         .await?;
     match stored {
-        Ok((json, notified)) => {
+        Ok((_, _, Some((copy, (s, a))))) if copy.is_copy() => {
+            // Its batch found a copy already stored and dropped this write's rows.
+            let existing = state
+                .db
+                .read(move |conn| Ok::<_, ApiError>(AttendanceRow::find_by_source(conn, &s, &a)?))
+                .await?
+                .ok_or_else(being_recorded)?;
+            repeat(&state, principal.actor(role), existing).await
+        }
+        Ok((json, notified, _)) => {
             if notified {
                 state.wake_deliverer();
             }
@@ -259,6 +272,12 @@ pub async fn create(
         }
         Err(existing) => repeat(&state, principal.actor(role), existing).await,
     }
+}
+
+fn being_recorded() -> ApiError {
+    ApiError::Conflict(
+        "this attendance was being recorded by another request; send it again".into(),
+    )
 }
 
 /// The answer to an attendance already stored: its match as recorded, flags as they stand now.

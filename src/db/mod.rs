@@ -1618,6 +1618,47 @@ batch_insert!(
     crate::audit::AuditRow
 );
 
+/// Inserts attendances, skipping any already stored with the same setting and id, and answers the ids of those
+/// it stored. On PostgreSQL, `ON CONFLICT DO NOTHING ... RETURNING id`, in the chunks of [`batch_insert!`]: an
+/// attendance that another instance's transaction holds is waited for, and skipped if that transaction commits;
+/// of two copies in the same statement, the first is stored. SQLite has no copies to skip (its one writer looks
+/// for them before it buffers an attendance): every row is inserted.
+pub fn insert_new_attendances(
+    conn: &mut DbConnection,
+    rows: &[crate::attendances::AttendanceRow],
+) -> Result<std::collections::HashSet<String>, diesel::result::Error> {
+    use crate::attendances::AttendanceRow;
+    use diesel::prelude::*;
+    use schema::attendances;
+    let c = match conn {
+        DbConnection::Postgres(c) => c,
+        DbConnection::Sqlite(_) => {
+            insert_attendances(conn, rows)?;
+            return Ok(rows.iter().map(|r| r.id.clone()).collect());
+        }
+    };
+    let mut stored = std::collections::HashSet::with_capacity(rows.len());
+    let mut rest = rows;
+    macro_rules! chunks_of {
+        ($($n:literal),*) => {$(
+            while rest.len() >= $n {
+                let (chunk, tail) = rest.split_at($n);
+                let chunk: &[AttendanceRow; $n] = chunk.try_into().expect("split at the chunk size");
+                stored.extend(
+                    diesel::insert_into(attendances::table)
+                        .values(chunk)
+                        .on_conflict_do_nothing()
+                        .returning(attendances::id)
+                        .get_results::<String>(c)?,
+                );
+                rest = tail;
+            }
+        )*};
+    }
+    chunks_of!(64, 32, 16, 8, 4, 2, 1);
+    Ok(stored)
+}
+
 /// Asserts that `PRAGMA integrity_check` finds the database behind `conn` sound (test builds).
 #[cfg(test)]
 pub(crate) fn assert_sound(conn: &mut diesel::SqliteConnection) {

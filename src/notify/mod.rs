@@ -223,6 +223,9 @@ impl NotificationRow {
                         && (from..=to).contains(&n.occurred_at)
                 })
                 .map(|n| n.id.clone())
+                .inspect(|id| {
+                    d.reused.insert(id.clone());
+                })
         });
         if let Some(Some(id)) = buffered {
             return Ok(Some(id));
