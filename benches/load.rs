@@ -55,6 +55,15 @@ struct Args {
     /// Notifications in the delivery backlog.
     #[arg(long, default_value_t = 5_000)]
     notifications: usize,
+    /// On PostgreSQL, gathers the planner's statistics for the tables the seed filled once it is in (`VACUUM
+    /// ANALYZE` of persons, plans, attendances, accesses and organisations), as autovacuum does for a database
+    /// in service and PostgreSQL's manual advises after a bulk load. This machine's PostgreSQL has autovacuum off
+    /// (`conf.d/90-ci.conf`), so without it every statement is planned with no statistics at all, as the
+    /// benchmark ran until the twenty-third session (`--analyze false`). The tables the seed leaves empty are
+    /// not analysed: autovacuum would analyse them again as they grow, and with statistics saying "empty" and
+    /// no autovacuum, PostgreSQL keeps planning a scan of the whole table as it fills (BENCHMARKS.md).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    analyze: bool,
     /// Scenarios to run, comma-separated, from `hit,miss,attendance,import,delivery` (the reference always runs).
     #[arg(
         long,
@@ -267,6 +276,17 @@ fn seed(db: &Db, args: &Args) -> (String, String, String, Vec<String>) {
         args.attendances,
         started.elapsed().as_secs_f64()
     );
+    if args.on_postgres() && args.analyze {
+        use diesel::connection::SimpleConnection;
+        let started = Instant::now();
+        let mut conn = db.get().expect("a connection");
+        conn.batch_execute("VACUUM ANALYZE persons, plans, attendances, accesses, organisations")
+            .expect("VACUUM ANALYZE");
+        println!(
+            "gathered PostgreSQL's statistics of the seeded tables (VACUUM ANALYZE) in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     (keys.0, keys.1, keys.2, flagged)
 }
 
