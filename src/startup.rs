@@ -39,6 +39,12 @@ impl AppState {
         let db = Db::connect(&settings.database)?;
         let applied = db.migrate()?;
         tracing::info!(backend = db.backend_name(), applied, "database ready");
+        if db.autovacuum_off()? {
+            tracing::warn!(
+                "PostgreSQL's autovacuum is off: the planner's statistics go stale as tables grow, and lookups \
+                 can turn into scans of whole tables; turn it on, or run VACUUM ANALYZE often (README, Operations)"
+            );
+        }
         let mpi = Arc::new(crate::mpi::from_settings(&settings.mpi, db.clone())?);
         let (mailer, mail_domain): (Arc<dyn crate::notify::email::Mailer>, String) =
             if settings.mail.host.is_empty() {

@@ -1049,6 +1049,27 @@ impl Db {
             .map(|p| !p)
             .map_err(|e| DbError::Migration(e.to_string()))
     }
+
+    /// Whether this is PostgreSQL with autovacuum off. cpis's statements are planned from the tables'
+    /// statistics, which autovacuum keeps in step as tables grow; without it they go stale, and a table analysed
+    /// while nearly empty stays so to the planner, which then scans all of it (BENCHMARKS.md, twenty-third
+    /// session: the visit lookup became a scan of every notification).
+    pub fn autovacuum_off(&self) -> Result<bool, DbError> {
+        #[derive(diesel::QueryableByName)]
+        struct Setting {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            autovacuum: String,
+        }
+        let mut conn = self.get()?;
+        let DbConnection::Postgres(c) = &mut *conn else {
+            return Ok(false);
+        };
+        use diesel::RunQueryDsl;
+        let setting: Setting =
+            diesel::sql_query("SELECT current_setting('autovacuum') AS autovacuum")
+                .get_result(c)?;
+        Ok(setting.autovacuum == "off")
+    }
 }
 
 /// A new row id: a UUID version 7, whose leading bits are the time, so that rows written together land at the

@@ -164,3 +164,36 @@ fn a_new_database_is_set_up_without_an_error_in_the_log() {
         assert!(!log.contains(r#""level":"ERROR""#), "{log}");
     }
 }
+
+/// An operator running cpis on a PostgreSQL with autovacuum off is warned at start-up, and only then: without it
+/// the planner's statistics go stale and lookups can become scans of whole tables.
+#[test]
+fn a_postgresql_with_autovacuum_off_is_warned_about_at_start_up() {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        autovacuum: String,
+    }
+    for backend in backends() {
+        let db = TestDb::new(backend);
+        let off = match backend {
+            Backend::Sqlite => false,
+            Backend::Postgres => {
+                let mut c = diesel::PgConnection::establish(&db.url).unwrap();
+                let s: Setting = diesel::sql_query("SHOW autovacuum")
+                    .get_result(&mut c)
+                    .unwrap();
+                s.autovacuum == "off"
+            }
+        };
+        let mut server = serve(&db, &[]);
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+        let log = server.log.lock().unwrap().clone();
+        let warned = log.lines().any(|l| {
+            l.contains(r#""level":"WARN""#) && l.contains("PostgreSQL's autovacuum is off")
+        });
+        assert_eq!(warned, off, "{backend:?}, autovacuum off: {off}\n{log}");
+    }
+}
