@@ -262,9 +262,8 @@ pub fn may_teach_mpi(att: &AttendanceRow) -> bool {
 /// DO NOTHING`, which also sees a copy another instance is storing): nothing need look for a copy before it, which
 /// would be a round trip on every attendance for a rare repeat. The repeat is resolved again, its write's rows are
 /// dropped when the insert finds the first copy (at once, or at the batch's end), and it is answered as any
-/// repeat is. A write that may teach the
-/// MPI still looks first, as a copy must not teach it again. On SQLite the insert joins the batch and cannot tell;
-/// there a copy is looked for before it, in-process.
+/// repeat is. A write that may teach the MPI still looks first, as a copy must not teach it again. On SQLite the
+/// insert joins the batch and cannot tell; there a copy is looked for before it, in-process.
 pub fn insert_finds_copies(db: &crate::db::Db) -> bool {
     !db.is_sqlite()
 }

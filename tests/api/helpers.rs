@@ -358,6 +358,29 @@ impl TestApp {
             .to_string()
     }
 
+    /// The outcomes of a child's `action` events in the audit trail, newest first, as an auditor of a new
+    /// information governance organisation (AUD01) reads them.
+    pub async fn audit_outcomes(&self, nhs_number: &str, action: &str) -> Vec<String> {
+        self.add_org("AUD01", "Information Governance", "other")
+            .await;
+        let auditor = self.key("AUD01", &["auditor"]).await;
+        let trail = self
+            .post(
+                "/v1/audit/search",
+                &auditor,
+                json!({"nhs_number": nhs_number}),
+            )
+            .await;
+        assert_eq!(trail.status, StatusCode::OK, "{trail:?}");
+        trail.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == action)
+            .map(|e| e["outcome"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// Two local authorities, a care setting, an auditor: the cast of most tests.
     pub async fn world(&self) -> World {
         self.add_org("E08000025", "Birmingham City Council", "local_authority")

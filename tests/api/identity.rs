@@ -192,23 +192,7 @@ async fn the_same_attendance_posted_twice_is_stored_once() {
         assert_eq!(first.body["notifications"].as_array().unwrap().len(), 1);
         let list = app.get("/v1/notifications", &r.la).await;
         assert_eq!(list.body["items"].as_array().unwrap().len(), 1, "{list:?}");
-        app.add_org("AUD01", "Information Governance", "other")
-            .await;
-        let auditor = app.key("AUD01", &["auditor"]).await;
-        let trail = app
-            .post(
-                "/v1/audit/search",
-                &auditor,
-                json!({"nhs_number": "9434765919"}),
-            )
-            .await;
-        let outcomes: Vec<&str> = trail.body["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["action"] == "attendance.create")
-            .map(|e| e["outcome"].as_str().unwrap())
-            .collect();
+        let outcomes = app.audit_outcomes("9434765919", "attendance.create").await;
         assert_eq!(outcomes, ["repeat", "flagged"], "{backend:?}: newest first");
         let check = app
             .post(

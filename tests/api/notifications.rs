@@ -413,21 +413,7 @@ async fn copies_of_one_attendance_sent_at_once_are_stored_once_and_notified_once
         );
         assert_eq!(s.app.stored_attendances(), 1);
         // The trail shows one attendance and eleven repeats: a copy's own event goes with its other rows.
-        s.app
-            .add_org("AUD01", "Information Governance", "other")
-            .await;
-        let auditor = s.app.key("AUD01", &["auditor"]).await;
-        let trail = s
-            .app
-            .post("/v1/audit/search", &auditor, json!({"nhs_number": CHILD}))
-            .await;
-        let mut outcomes: Vec<&str> = trail.body["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["action"] == "attendance.create")
-            .map(|e| e["outcome"].as_str().unwrap())
-            .collect();
+        let mut outcomes = s.app.audit_outcomes(CHILD, "attendance.create").await;
         outcomes.sort();
         assert_eq!(
             outcomes,
