@@ -55,10 +55,11 @@ impl CopyFound {
     }
 }
 
-/// An attendance buffered on PostgreSQL (the `attendance`-th), and the rows and audit events its write buffered,
-/// from its start (`from`) to its attendance (`to`).
+/// An attendance buffered on PostgreSQL (the `attendance`-th, with this `id`), and the rows and audit events its
+/// write buffered, from its start (`from`) to its attendance (`to`).
 struct Unsure {
     attendance: usize,
+    id: String,
     from: (Mark, usize),
     to: (Mark, usize),
     told: CopyFound,
@@ -135,6 +136,7 @@ pub fn keep_unsure(
             let told = CopyFound::default();
             d.unsure.push(Unsure {
                 attendance: d.attendances.len(),
+                id: att.id.clone(),
                 from: (since.rows, since.audit),
                 to: (
                     Mark(
@@ -160,7 +162,7 @@ impl Deferred {
     /// with its deliveries: that write's visit is told through it.
     fn drop_copies(&mut self, stored: &HashSet<String>) {
         for u in std::mem::take(&mut self.unsure).into_iter().rev() {
-            if stored.contains(&self.attendances[u.attendance].id) {
+            if stored.contains(&u.id) {
                 continue;
             }
             u.told.0.store(true, Ordering::Release);
@@ -192,6 +194,12 @@ pub fn flush(conn: &mut DbConnection) -> Result<(), Error> {
     if rows.unsure.is_empty() {
         super::insert_attendances(conn, &rows.attendances)?;
     } else {
+        // In one order, by setting and attendance id (stable: of two copies the first stays first), so that two
+        // instances storing the same attendances at once never wait on each other crosswise, which PostgreSQL
+        // would end by failing one of the two batches.
+        rows.attendances.sort_by(|a, b| {
+            (&a.setting_ods, &a.attendance_id).cmp(&(&b.setting_ods, &b.attendance_id))
+        });
         let stored = super::insert_new_attendances(conn, &rows.attendances)?;
         if stored.len() < rows.attendances.len() {
             rows.drop_copies(&stored);

@@ -251,6 +251,58 @@ async fn the_same_attendance_sent_to_two_instances_at_once_is_stored_once_and_bo
     }
 }
 
+/// A care system retrying a run of attendances through two instances at once, in opposite orders: every
+/// attendance is stored once and every request is answered (201 or 200 with the same record). Each instance's
+/// writer stores its batch's attendances in one order, so the two never wait on each other crosswise, which
+/// PostgreSQL would end by failing one of the batches.
+#[tokio::test]
+async fn runs_of_attendances_sent_to_two_instances_in_opposite_orders_are_all_stored_once_and_answered(
+) {
+    for backend in backends().into_iter().filter(|b| *b == Backend::Postgres) {
+        let app = spawn_app(backend).await;
+        let r = regions(&app).await;
+        let mut settings = app.db.settings();
+        settings.server.workers = 2;
+        let other = cpis::startup::Application::build(settings).expect("a second instance");
+        let other_address = format!("http://127.0.0.1:{}", other.port());
+        tokio::spawn(other.run_until_stopped());
+        let send = |address: String, id: String| {
+            let (client, key) = (app.client.clone(), r.cw_ed.clone());
+            async move {
+                let res = client
+                    .post(format!("{address}/v1/attendances"))
+                    .bearer_auth(key)
+                    .json(&attendance(&id, json!({"nhs_number": "9434765919"})))
+                    .send()
+                    .await
+                    .unwrap();
+                (id, TestApp::read(res).await)
+            }
+        };
+        for round in 0..10 {
+            let ids: Vec<String> = (0..16).map(|n| format!("RUN-{round}-{n:02}")).collect();
+            let forwards = ids.iter().map(|id| send(app.address.clone(), id.clone()));
+            let backwards = ids
+                .iter()
+                .rev()
+                .map(|id| send(other_address.clone(), id.clone()));
+            let answers = futures_util::future::join_all(forwards.chain(backwards)).await;
+            for id in &ids {
+                let mine: Vec<_> = answers
+                    .iter()
+                    .filter(|(i, _)| i == id)
+                    .map(|(_, a)| a)
+                    .collect();
+                let mut statuses: Vec<u16> = mine.iter().map(|a| a.status.as_u16()).collect();
+                statuses.sort();
+                assert_eq!(statuses, [200, 201], "{id}: {mine:?}");
+                assert_eq!(mine[0].body["id"], mine[1].body["id"], "{id}: {mine:?}");
+            }
+        }
+        assert_eq!(app.stored_attendances(), 160);
+    }
+}
+
 #[tokio::test]
 async fn a_confident_demographic_match_teaches_the_mpi_the_local_identifier() {
     for backend in backends() {
