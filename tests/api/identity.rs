@@ -210,44 +210,62 @@ async fn the_same_attendance_posted_twice_is_stored_once() {
     }
 }
 
+/// The app, a second instance on its database (two HTTP workers), and the CW emergency department's key.
+struct TwoInstances {
+    app: TestApp,
+    other: String,
+    key: String,
+}
+
+impl TwoInstances {
+    async fn start(backend: Backend) -> Self {
+        let app = spawn_app(backend).await;
+        let key = regions(&app).await.cw_ed;
+        let mut settings = app.db.settings();
+        settings.server.workers = 2;
+        let other = cpis::startup::Application::build(settings).expect("a second instance");
+        let address = format!("http://127.0.0.1:{}", other.port());
+        tokio::spawn(other.run_until_stopped());
+        Self {
+            app,
+            other: address,
+            key,
+        }
+    }
+
+    /// Sends attendance `id` of the child 9434765919, to the second instance if `other`.
+    fn send(&self, other: bool, id: &str) -> impl std::future::Future<Output = Resp> + 'static {
+        let address = if other {
+            &self.other
+        } else {
+            &self.app.address
+        };
+        let request = self
+            .app
+            .client
+            .post(format!("{address}/v1/attendances"))
+            .bearer_auth(&self.key)
+            .json(&attendance(id, json!({"nhs_number": "9434765919"})));
+        async move { TestApp::read(request.send().await.unwrap()).await }
+    }
+}
+
 /// Two cpis instances on one PostgreSQL database, each sent the same attendances at the same moment (a care
 /// system retrying through a load balancer): each attendance is stored once, one instance answers 201 and the
 /// other 200 with the same record, and no request fails.
 #[tokio::test]
 async fn the_same_attendance_sent_to_two_instances_at_once_is_stored_once_and_both_are_answered() {
     for backend in backends().into_iter().filter(|b| *b == Backend::Postgres) {
-        let app = spawn_app(backend).await;
-        let r = regions(&app).await;
-        let mut settings = app.db.settings();
-        settings.server.workers = 2;
-        let other = cpis::startup::Application::build(settings).expect("a second instance");
-        let other_address = format!("http://127.0.0.1:{}", other.port());
-        tokio::spawn(other.run_until_stopped());
-        let send = |address: String, id: String| {
-            let (client, key) = (app.client.clone(), r.cw_ed.clone());
-            async move {
-                let res = client
-                    .post(format!("{address}/v1/attendances"))
-                    .bearer_auth(key)
-                    .json(&attendance(&id, json!({"nhs_number": "9434765919"})))
-                    .send()
-                    .await
-                    .unwrap();
-                TestApp::read(res).await
-            }
-        };
+        let t = TwoInstances::start(backend).await;
         for n in 0..20 {
             let id = format!("RACE-{n}");
-            let (a, b) = tokio::join!(
-                send(app.address.clone(), id.clone()),
-                send(other_address.clone(), id.clone())
-            );
+            let (a, b) = tokio::join!(t.send(false, &id), t.send(true, &id));
             let mut statuses = [a.status.as_u16(), b.status.as_u16()];
             statuses.sort();
             assert_eq!(statuses, [200, 201], "{a:?} {b:?}");
             assert_eq!(a.body["id"], b.body["id"], "{a:?} {b:?}");
         }
-        assert_eq!(app.stored_attendances(), 20);
+        assert_eq!(t.app.stored_attendances(), 20);
     }
 }
 
@@ -259,38 +277,18 @@ async fn the_same_attendance_sent_to_two_instances_at_once_is_stored_once_and_bo
 async fn runs_of_attendances_sent_to_two_instances_in_opposite_orders_are_all_stored_once_and_answered(
 ) {
     for backend in backends().into_iter().filter(|b| *b == Backend::Postgres) {
-        let app = spawn_app(backend).await;
-        let r = regions(&app).await;
-        let mut settings = app.db.settings();
-        settings.server.workers = 2;
-        let other = cpis::startup::Application::build(settings).expect("a second instance");
-        let other_address = format!("http://127.0.0.1:{}", other.port());
-        tokio::spawn(other.run_until_stopped());
-        let send = |address: String, id: String| {
-            let (client, key) = (app.client.clone(), r.cw_ed.clone());
-            async move {
-                let res = client
-                    .post(format!("{address}/v1/attendances"))
-                    .bearer_auth(key)
-                    .json(&attendance(&id, json!({"nhs_number": "9434765919"})))
-                    .send()
-                    .await
-                    .unwrap();
-                (id, TestApp::read(res).await)
-            }
-        };
-        for round in 0..10 {
+        let t = TwoInstances::start(backend).await;
+        for round in 0..20 {
             let ids: Vec<String> = (0..16).map(|n| format!("RUN-{round}-{n:02}")).collect();
-            let forwards = ids.iter().map(|id| send(app.address.clone(), id.clone()));
-            let backwards = ids
-                .iter()
-                .rev()
-                .map(|id| send(other_address.clone(), id.clone()));
+            let forwards = ids.iter().map(|id| t.send(false, id));
+            let backwards = ids.iter().rev().map(|id| t.send(true, id));
             let answers = futures_util::future::join_all(forwards.chain(backwards)).await;
+            let sent = ids.iter().chain(ids.iter().rev());
+            let answers: Vec<(&String, Resp)> = sent.zip(answers).collect();
             for id in &ids {
                 let mine: Vec<_> = answers
                     .iter()
-                    .filter(|(i, _)| i == id)
+                    .filter(|(i, _)| *i == id)
                     .map(|(_, a)| a)
                     .collect();
                 let mut statuses: Vec<u16> = mine.iter().map(|a| a.status.as_u16()).collect();
@@ -299,7 +297,7 @@ async fn runs_of_attendances_sent_to_two_instances_in_opposite_orders_are_all_st
                 assert_eq!(mine[0].body["id"], mine[1].body["id"], "{id}: {mine:?}");
             }
         }
-        assert_eq!(app.stored_attendances(), 160);
+        assert_eq!(t.app.stored_attendances(), 320);
     }
 }
 
