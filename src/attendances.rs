@@ -76,14 +76,16 @@ impl AttendanceRow {
         attendance_id: &str,
     ) -> Result<Option<Self>, Error> {
         // On PostgreSQL a buffered attendance may yet turn out to be a copy ([`insert`]): only the table counts.
-        let buffered = crate::db::deferred::with(|d| {
-            d.attendances
-                .iter()
-                .find(|a| a.setting_ods == setting && a.attendance_id == attendance_id)
-                .cloned()
-        });
-        if let (DbConnection::Sqlite(_), Some(Some(found))) = (&conn, buffered) {
-            return Ok(Some(found));
+        if let DbConnection::Sqlite(_) = conn {
+            let buffered = crate::db::deferred::with(|d| {
+                d.attendances
+                    .iter()
+                    .find(|a| a.setting_ods == setting && a.attendance_id == attendance_id)
+                    .cloned()
+            });
+            if let Some(Some(found)) = buffered {
+                return Ok(Some(found));
+            }
         }
         crate::on_backend!(conn, |c| attendances::table
             .filter(attendances::setting_ods.eq(setting))

@@ -85,15 +85,7 @@ pub fn abandon() {
 }
 
 pub fn mark() -> Mark {
-    DEFERRED.with(|d| match d.borrow().as_ref() {
-        Some(d) => Mark(
-            d.accesses.len(),
-            d.attendances.len(),
-            d.notifications.len(),
-            d.deliveries.len(),
-        ),
-        None => Mark(0, 0, 0, 0),
-    })
+    DEFERRED.with(|d| d.borrow().as_ref().map_or(Mark(0, 0, 0, 0), Deferred::mark))
 }
 
 /// Drops the rows buffered since `mark` (the write that made them failed), and the endpoints read, which that
@@ -138,15 +130,7 @@ pub fn keep_unsure(
                 attendance: d.attendances.len(),
                 id: att.id.clone(),
                 from: (since.rows, since.audit),
-                to: (
-                    Mark(
-                        d.accesses.len(),
-                        d.attendances.len(),
-                        d.notifications.len(),
-                        d.deliveries.len(),
-                    ),
-                    audit,
-                ),
+                to: (d.mark(), audit),
                 told: told.clone(),
             });
             d.attendances.push(att);
@@ -157,6 +141,16 @@ pub fn keep_unsure(
 }
 
 impl Deferred {
+    /// How far each buffer has grown.
+    fn mark(&self) -> Mark {
+        Mark(
+            self.accesses.len(),
+            self.attendances.len(),
+            self.notifications.len(),
+            self.deliveries.len(),
+        )
+    }
+
     /// Drops the rows of each write whose attendance was not `stored` (a copy), latest first so that the earlier
     /// writes' places stand, and tells the write. A notification that a later write took as its own is kept,
     /// with its deliveries: that write's visit is told through it.

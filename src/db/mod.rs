@@ -1548,6 +1548,26 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertOrFa
 /// its server session against 0.4 MB for one of 64. Callers pass all their rows at once. The row types are
 /// `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a multi-row
 /// insert for SQLite and runs one insert per row inside a savepoint instead.
+/// While at least `n` rows are left in `$rest`, runs `$body` with the next `n` as the array `$chunk`, for each
+/// chunk size `n` of the backend's in turn (see [`batch_insert!`]): on PostgreSQL the powers of two from 64 down,
+/// on SQLite 64, 16, 4 and 1.
+macro_rules! in_chunks {
+    (postgres, $rest:ident: $row:ty, |$chunk:ident| $body:expr) => {
+        in_chunks!([64, 32, 16, 8, 4, 2, 1], $rest: $row, |$chunk| $body)
+    };
+    (sqlite, $rest:ident: $row:ty, |$chunk:ident| $body:expr) => {
+        in_chunks!([64, 16, 4, 1], $rest: $row, |$chunk| $body)
+    };
+    ([$($n:literal),*], $rest:ident: $row:ty, |$chunk:ident| $body:expr) => {{$(
+        while $rest.len() >= $n {
+            let (head, tail) = $rest.split_at($n);
+            let $chunk: &[$row; $n] = head.try_into().expect("split at the chunk size");
+            $body;
+            $rest = tail;
+        }
+    )*}};
+}
+
 macro_rules! batch_insert {
     ($(#[$doc:meta])* $name:ident, $table:path, $row:ty) => {
         $(#[$doc])*
@@ -1555,51 +1575,21 @@ macro_rules! batch_insert {
             use diesel::prelude::*;
             let mut inserted = 0;
             let mut rest = rows;
-            // While `$n` rows are left, inserts the next `$n` as one array with the statement `$insert!`.
-            macro_rules! chunks_of {
-                ($insert:ident, $n:literal) => {
-                    while rest.len() >= $n {
-                        let (chunk, tail) = rest.split_at($n);
-                        let chunk: &[$row; $n] = chunk.try_into().expect("split at the chunk size");
-                        inserted += $insert!(chunk);
-                        rest = tail;
-                    }
-                };
-            }
             match conn {
-                DbConnection::Postgres(c) => {
-                    macro_rules! plain {
-                        ($rows:expr) => {
-                            diesel::insert_into($table).values($rows).execute(c)?
-                        };
-                    }
-                    chunks_of!(plain, 64);
-                    chunks_of!(plain, 32);
-                    chunks_of!(plain, 16);
-                    chunks_of!(plain, 8);
-                    chunks_of!(plain, 4);
-                    chunks_of!(plain, 2);
-                    chunks_of!(plain, 1);
-                }
-                DbConnection::Sqlite(c) => {
-                    // `INSERT OR FAIL` (see [`InsertOrFail`]): diesel's own statement with its operator changed.
-                    macro_rules! or_fail {
-                        ($rows:expr) => {{
-                            let plain = diesel::insert_into($table).values($rows);
-                            diesel::query_builder::InsertStatement::new(
-                                plain.target,
-                                plain.records,
-                                InsertOrFail,
-                                plain.returning,
-                            )
-                            .execute(c)?
-                        }};
-                    }
-                    chunks_of!(or_fail, 64);
-                    chunks_of!(or_fail, 16);
-                    chunks_of!(or_fail, 4);
-                    chunks_of!(or_fail, 1);
-                }
+                DbConnection::Postgres(c) => in_chunks!(postgres, rest: $row, |chunk| {
+                    inserted += diesel::insert_into($table).values(chunk).execute(c)?
+                }),
+                // `INSERT OR FAIL` (see [`InsertOrFail`]): diesel's own statement with its operator changed.
+                DbConnection::Sqlite(c) => in_chunks!(sqlite, rest: $row, |chunk| {
+                    let plain = diesel::insert_into($table).values(chunk);
+                    inserted += diesel::query_builder::InsertStatement::new(
+                        plain.target,
+                        plain.records,
+                        InsertOrFail,
+                        plain.returning,
+                    )
+                    .execute(c)?
+                }),
             }
             Ok(inserted)
         }
@@ -1660,23 +1650,15 @@ pub fn insert_new_attendances(
     };
     let mut stored = std::collections::HashSet::with_capacity(rows.len());
     let mut rest = rows;
-    macro_rules! chunks_of {
-        ($($n:literal),*) => {$(
-            while rest.len() >= $n {
-                let (chunk, tail) = rest.split_at($n);
-                let chunk: &[AttendanceRow; $n] = chunk.try_into().expect("split at the chunk size");
-                stored.extend(
-                    diesel::insert_into(attendances::table)
-                        .values(chunk)
-                        .on_conflict_do_nothing()
-                        .returning(attendances::id)
-                        .get_results::<String>(c)?,
-                );
-                rest = tail;
-            }
-        )*};
-    }
-    chunks_of!(64, 32, 16, 8, 4, 2, 1);
+    in_chunks!(postgres, rest: AttendanceRow, |chunk| {
+        stored.extend(
+            diesel::insert_into(attendances::table)
+                .values(chunk)
+                .on_conflict_do_nothing()
+                .returning(attendances::id)
+                .get_results::<String>(c)?,
+        )
+    });
     Ok(stored)
 }
 
