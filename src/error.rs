@@ -147,8 +147,15 @@ impl ResponseError for ApiError {
         };
         let mut response = HttpResponse::build(status);
         response.content_type("application/problem+json");
-        if let ApiError::Unauthenticated { .. } = self {
-            response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"cpis\""));
+        match self {
+            ApiError::Unauthenticated { .. } => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"cpis\""));
+            }
+            // Every refusal for want of the database or an MPI is worth sending again a second later.
+            ApiError::Unavailable(_) => {
+                response.insert_header((header::RETRY_AFTER, "1"));
+            }
+            _ => {}
         }
         response.body(serde_json::to_string(&problem).unwrap_or_default())
     }
@@ -157,6 +164,17 @@ impl ResponseError for ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
+            DbError::Query(e) if crate::db::is_contention(&e) => {
+                ApiError::from(DbError::Contended(e.to_string()))
+            }
+            DbError::Contended(why) => {
+                tracing::warn!(error = %why, "a write was ended by the database to settle a conflict");
+                ApiError::Unavailable(
+                    "the database ended this write to settle a conflict with another; nothing of it was \
+                     stored; send it again"
+                        .into(),
+                )
+            }
             DbError::Query(e) if !crate::db::is_unreachable(&e) => {
                 ApiError::Internal(DbError::Query(e).into())
             }

@@ -69,7 +69,7 @@ fn answer(
     })
 }
 
-#[utoipa::path(post, path = "/v1/attendances", tag = "attendances", request_body = AttendanceBody, security(("bearer" = [])), responses((status = 201, description = "`{id, match, flags, notifications}`"), (status = 200, description = "A repeat of a stored attendance"), (status = 422, body = ProblemDoc)))]
+#[utoipa::path(post, path = "/v1/attendances", tag = "attendances", request_body = AttendanceBody, security(("bearer" = [])), responses((status = 201, description = "`{id, match, flags, notifications}`"), (status = 200, description = "A repeat of a stored attendance"), (status = 422, body = ProblemDoc), (status = 503, description = "Not stored (database or MPI unavailable, or a conflict the database settled): send it again after `Retry-After`", body = ProblemDoc)))]
 pub async fn create(
     principal: Principal,
     state: web::Data<AppState>,

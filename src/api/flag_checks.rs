@@ -297,7 +297,7 @@ fn count_check(state: &AppState, outcome: &str, access: &str) {
         .inc();
 }
 
-#[utoipa::path(post, path = "/v1/flag-checks", tag = "flags", request_body = CheckBody, security(("bearer" = [])), responses((status = 200, description = "`{match: {status, method, score}, flags: [...], recent_accesses: [...]}`"), (status = 422, body = ProblemDoc), (status = 503, description = "The region's MPI is unavailable", body = ProblemDoc)))]
+#[utoipa::path(post, path = "/v1/flag-checks", tag = "flags", request_body = CheckBody, security(("bearer" = [])), responses((status = 200, description = "`{match: {status, method, score}, flags: [...], recent_accesses: [...]}`"), (status = 422, body = ProblemDoc), (status = 503, description = "The region's MPI or the database is unavailable, or the database settled a conflict: send it again after `Retry-After`", body = ProblemDoc)))]
 pub async fn check(
     principal: Principal,
     state: web::Data<AppState>,

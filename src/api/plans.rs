@@ -43,7 +43,7 @@ fn visible_plan(
     Ok(row)
 }
 
-#[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body = PlanBody, security(("bearer" = [])), responses((status = 201, description = "Registered"), (status = 200, description = "A repeat (unchanged) or an update of the plan with this local reference"), (status = 422, body = ProblemDoc)))]
+#[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body = PlanBody, security(("bearer" = [])), responses((status = 201, description = "Registered"), (status = 200, description = "A repeat (unchanged) or an update of the plan with this local reference"), (status = 422, body = ProblemDoc), (status = 503, description = "Not stored (database unavailable, or a conflict the database settled): send it again after `Retry-After`", body = ProblemDoc)))]
 pub async fn register(
     principal: Principal,
     state: web::Data<AppState>,

@@ -38,6 +38,9 @@ pub enum DbError {
     Pool(#[from] r2d2::PoolError),
     #[error("no database connection available: {0}")]
     Unavailable(String),
+    /// The database ended the transaction to settle a conflict with another ([`is_contention`]).
+    #[error("the database ended the transaction to settle a conflict: {0}")]
+    Contended(String),
     #[error("database query failed")]
     Query(#[source] diesel::result::Error),
     #[error("database migration failed: {0}")]
@@ -51,6 +54,7 @@ impl DbError {
     fn restated(&self) -> Self {
         match self {
             DbError::Unavailable(why) => DbError::Unavailable(why.clone()),
+            DbError::Contended(why) => DbError::Contended(why.clone()),
             DbError::Migration(why) => DbError::Migration(why.clone()),
             other => DbError::Migration(other.to_string()),
         }
@@ -219,6 +223,22 @@ pub fn is_unreachable(e: &diesel::result::Error) -> bool {
     )
 }
 
+/// Whether the database failed a statement to settle a conflict between transactions, which leaves nothing of the
+/// transaction standing and lets the same write succeed a moment later: PostgreSQL's deadlock detection (SQLSTATE
+/// 40P01, which diesel does not name: told by its message) and serialisation failures (40001), or SQLite's busy
+/// timeout running out while another connection held the write lock.
+pub fn is_contention(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match e {
+        Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
+        Error::DatabaseError(DatabaseErrorKind::Unknown, info) => {
+            let message = info.message();
+            message.starts_with("deadlock detected") || message.starts_with("database is locked")
+        }
+        _ => false,
+    }
+}
+
 /// The database handle the rest of cpis uses: cheap to clone.
 #[derive(Clone)]
 pub struct Db {
@@ -372,10 +392,14 @@ where
     }
 }
 
-/// What a write is told when its batch's transaction failed: unavailable if the database could not be reached.
+/// What a write is told when its batch's transaction failed: unavailable if the database could not be reached,
+/// contended if the database ended the batch to settle a conflict with another transaction (a deadlock with
+/// another instance's batch); either way the write may be sent again.
 fn batch_failure(e: &diesel::result::Error) -> DbError {
     if is_unreachable(e) {
         DbError::Unavailable(format!("the batch could not be committed: {e}"))
+    } else if is_contention(e) {
+        DbError::Contended(format!("the batch was not committed: {e}"))
     } else {
         DbError::Migration(format!("the batch commit failed: {e}"))
     }
@@ -2357,6 +2381,29 @@ pub(crate) mod tests {
         };
         assert!(plan.iter().any(|s| s.contains(step)), "{step}: {plan:?}");
         plan
+    }
+
+    /// SQLite's busy timeout running out is contention (worth sending again); a broken constraint is not.
+    #[test]
+    fn a_write_lock_held_past_the_busy_timeout_is_contention_and_a_duplicate_key_is_not() {
+        use diesel::connection::SimpleConnection;
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().join("lock.db").display().to_string();
+        let mut holder = diesel::SqliteConnection::establish(&url).unwrap();
+        let mut waiter = diesel::SqliteConnection::establish(&url).unwrap();
+        holder
+            .batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY); INSERT INTO t VALUES (1);")
+            .unwrap();
+        holder.batch_execute("BEGIN IMMEDIATE").unwrap();
+        waiter.batch_execute("PRAGMA busy_timeout = 10").unwrap();
+        let locked = waiter.batch_execute("BEGIN IMMEDIATE").unwrap_err();
+        assert!(super::is_contention(&locked), "{locked:?}");
+        assert!(!super::is_unreachable(&locked));
+        let duplicate = holder
+            .batch_execute("INSERT INTO t VALUES (1)")
+            .unwrap_err();
+        assert!(!super::is_contention(&duplicate), "{duplicate:?}");
+        assert!(!super::is_contention(&diesel::result::Error::NotFound));
     }
 
     #[test]

@@ -167,3 +167,94 @@ async fn odd_but_well_formed_values_are_refused_not_crashed_on() {
         .await;
     huge_page.problem(422);
 }
+
+/// PostgreSQL ends a transaction to settle a deadlock (with another instance's batch, say) or a serialisation
+/// failure. The requests whose writes it held are answered 503 with `Retry-After`, never 500; nothing of them is
+/// kept (no attendance, notification or audit event); sent again, each is stored once. Here a trigger fails the
+/// first insert of an attendance as a deadlock does, which ends the writer's whole batch, and the first insert of
+/// a plan as a serialisation failure does, which ends only that write's savepoint.
+#[tokio::test]
+async fn a_write_the_database_ends_to_settle_a_conflict_is_answered_503_keeps_nothing_and_succeeds_when_sent_again(
+) {
+    use diesel::connection::SimpleConnection;
+    use diesel::prelude::*;
+    for backend in backends().into_iter().filter(|b| *b == Backend::Postgres) {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let plan = app
+            .post("/v1/plans", &w.la, cpp_plan("BCC-1", "9434765919"))
+            .await;
+        assert_eq!(plan.status, 201, "{plan:?}");
+        let db = app.db.db();
+        db.get()
+            .unwrap()
+            .batch_execute(
+                "CREATE SEQUENCE deadlocks; CREATE SEQUENCE serialisations;
+                 CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                   IF TG_TABLE_NAME = 'attendances' AND nextval('deadlocks') = 1 THEN
+                     RAISE EXCEPTION 'deadlock detected' USING ERRCODE = 'deadlock_detected';
+                   END IF;
+                   IF TG_TABLE_NAME = 'plans' AND nextval('serialisations') = 1 THEN
+                     RAISE EXCEPTION 'could not serialize access' USING ERRCODE = 'serialization_failure';
+                   END IF;
+                   RETURN NULL;
+                 END $$;
+                 CREATE TRIGGER fail_once BEFORE INSERT ON attendances
+                   FOR EACH STATEMENT EXECUTE FUNCTION fail_once();
+                 CREATE TRIGGER fail_once BEFORE INSERT ON plans
+                   FOR EACH STATEMENT EXECUTE FUNCTION fail_once();",
+            )
+            .unwrap();
+        let notifications = || -> i64 {
+            cpis::db::schema::notifications::table
+                .count()
+                .get_result(&mut *db.get().unwrap())
+                .unwrap()
+        };
+
+        let attendance = json!({"attendance_id": "ATT-1", "setting_ods": "RXK01", "setting_type": "ED",
+                                "arrived_at": "2026-11-20T22:15:00Z", "patient": {"nhs_number": "9434765919"}});
+        let refused = app
+            .post("/v1/attendances", &w.care, attendance.clone())
+            .await;
+        assert_eq!(refused.problem(503)["type"], "/problems/unavailable");
+        assert_eq!(refused.headers["retry-after"], "1");
+        assert!(
+            refused.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("send it again"),
+            "{refused:?}"
+        );
+        assert_eq!(app.stored_attendances(), 0);
+        assert_eq!(notifications(), 0);
+        assert!(app
+            .audit_outcomes("9434765919", "attendance.create")
+            .await
+            .is_empty());
+
+        let stored = app.post("/v1/attendances", &w.care, attendance).await;
+        assert_eq!(stored.status, 201, "{stored:?}");
+        assert_eq!(stored.body["notifications"].as_array().unwrap().len(), 1);
+        assert_eq!(app.stored_attendances(), 1);
+        assert_eq!(notifications(), 1);
+        assert_eq!(
+            app.audit_outcomes("9434765919", "attendance.create").await,
+            ["flagged"]
+        );
+
+        let second = cpp_plan("BCC-2", "9434765927");
+        let refused = app.post("/v1/plans", &w.la, second.clone()).await;
+        assert_eq!(refused.problem(503)["type"], "/problems/unavailable");
+        assert_eq!(refused.headers["retry-after"], "1");
+        let check = json!({"patient": {"nhs_number": "9434765927"}});
+        let missed = app.post("/v1/flag-checks", &w.care, check.clone()).await;
+        assert_eq!(missed.status, 200, "{missed:?}");
+        assert_eq!(missed.body["flags"], json!([]));
+        let created = app.post("/v1/plans", &w.la, second).await;
+        assert_eq!(created.status, 201, "{created:?}");
+        let hit = app.post("/v1/flag-checks", &w.care, check).await;
+        assert_eq!(hit.body["flags"][0]["status"], "active", "{hit:?}");
+    }
+}
