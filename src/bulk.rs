@@ -66,25 +66,24 @@ impl FileResult {
     }
 }
 
-/// Why an import stopped: the file is corrupt (roll back, answer CPF01) or the database failed.
+/// Why an import stopped: the file is corrupt (roll back, answer CPF01), or the database failed (roll back, and
+/// answer as any request the database failed: 503 when it could not be reached or ended the transaction to settle
+/// a conflict, else 500). A database failure is never reported as a corrupt file.
 #[derive(Debug)]
 pub enum ImportError {
     Corrupt(String),
-    Db(diesel::result::Error),
+    Db(ApiError),
 }
 
 impl From<diesel::result::Error> for ImportError {
     fn from(e: diesel::result::Error) -> Self {
-        ImportError::Db(e)
+        ImportError::Db(ApiError::from(e))
     }
 }
 
 impl From<crate::db::DbError> for ImportError {
     fn from(e: crate::db::DbError) -> Self {
-        match e {
-            crate::db::DbError::Query(q) => ImportError::Db(q),
-            other => ImportError::Corrupt(format!("database: {other}")),
-        }
+        ImportError::Db(ApiError::from(e))
     }
 }
 
@@ -114,11 +113,7 @@ fn flush(
     }
     let (rows, inputs): (Vec<usize>, Vec<PlanInput>) = accepted.into_iter().unzip();
     let registered = plans::register_many(conn, now, actor, la, &inputs).map_err(|e| match e {
-        ApiError::Internal(cause) => match cause.downcast::<crate::db::DbError>() {
-            Ok(crate::db::DbError::Query(q)) => ImportError::Db(q),
-            Ok(other) => ImportError::Corrupt(other.to_string()),
-            Err(other) => ImportError::Corrupt(other.to_string()),
-        },
+        e @ (ApiError::Internal(_) | ApiError::Unavailable(_)) => ImportError::Db(e),
         other => ImportError::Corrupt(other.detail()),
     })?;
     result.rows.reserve(rows.len());
@@ -373,7 +368,7 @@ pub fn import_file(
     la: &str,
     input: impl Read + Send,
     progress: impl FnMut(usize) + Send,
-) -> Result<FileResult, diesel::result::Error> {
+) -> Result<FileResult, ApiError> {
     match db.write_blocking(|conn| import(conn, now, today, actor, la, input, progress)) {
         Ok(r) => Ok(r),
         Err(ImportError::Corrupt(detail)) => Ok(FileResult::corrupt(detail)),

@@ -281,7 +281,8 @@ fn run_blocking(command: Command, settings: Settings) -> anyhow::Result<()> {
                         bar.set_position(row as u64);
                     }
                 },
-            )?;
+            )
+            .map_err(api_error)?;
             bar.finish_and_clear();
             for r in result.rows.iter().filter(|r| r.code != "CPR06") {
                 writeln!(

@@ -172,7 +172,7 @@ async fn odd_but_well_formed_values_are_refused_not_crashed_on() {
 /// failure. The requests whose writes it held are answered 503 with `Retry-After`, never 500; nothing of them is
 /// kept (no attendance, notification or audit event); sent again, each is stored once. Here a trigger fails the
 /// first insert of an attendance as a deadlock does, which ends the writer's whole batch, and the first insert of
-/// a plan as a serialisation failure does, which ends only that write's savepoint.
+/// a plan as a serialisation failure does, which ends only that write's savepoint (and then a bulk file's).
 #[tokio::test]
 async fn a_write_the_database_ends_to_settle_a_conflict_is_answered_503_keeps_nothing_and_succeeds_when_sent_again(
 ) {
@@ -254,6 +254,30 @@ async fn a_write_the_database_ends_to_settle_a_conflict_is_answered_503_keeps_no
         assert_eq!(missed.body["flags"], json!([]));
         let created = app.post("/v1/plans", &w.la, second).await;
         assert_eq!(created.status, 201, "{created:?}");
+        let hit = app.post("/v1/flag-checks", &w.care, check).await;
+        assert_eq!(hit.body["flags"][0]["status"], "active", "{hit:?}");
+
+        // A bulk file the database fails the same way is not a corrupt file (422, CPF01): 503, nothing of it kept.
+        db.get()
+            .unwrap()
+            .batch_execute("ALTER SEQUENCE serialisations RESTART")
+            .unwrap();
+        let file = "local_reference,nhs_number,plan_type,start_date,end_date,expected_delivery_date,given_name,\
+                    family_name,birth_date,sex,postcode\n\
+                    BCC-3,9434765935,CPP,2026-01-10,,,Amelia,Smith,2019-03-04,female,B1 1AA\n";
+        let refused = app
+            .post_raw("/v1/plans/bulk", &w.la, "text/csv", file.into())
+            .await;
+        assert_eq!(refused.problem(503)["type"], "/problems/unavailable");
+        assert_eq!(refused.headers["retry-after"], "1");
+        let check = json!({"patient": {"nhs_number": "9434765935"}});
+        let missed = app.post("/v1/flag-checks", &w.care, check.clone()).await;
+        assert_eq!(missed.body["flags"], json!([]), "{missed:?}");
+        let imported = app
+            .post_raw("/v1/plans/bulk", &w.la, "text/csv", file.into())
+            .await;
+        assert_eq!(imported.status, 200, "{imported:?}");
+        assert_eq!(imported.body["accepted"], 1, "{imported:?}");
         let hit = app.post("/v1/flag-checks", &w.care, check).await;
         assert_eq!(hit.body["flags"][0]["status"], "active", "{hit:?}");
     }
