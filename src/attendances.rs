@@ -323,8 +323,8 @@ pub enum Stored {
     /// PostgreSQL: buffered by the writer, and inserted at its batch's end unless a copy is already stored; then
     /// the write's rows are dropped and this says so.
     AtBatchEnd(crate::db::deferred::CopyFound),
-    /// PostgreSQL: a copy was already stored, and this one was not.
-    Copy,
+    /// PostgreSQL: a copy was already stored, and this one (handed back) was not.
+    Copy(Box<AttendanceRow>),
 }
 
 /// Stores a new attendance (call last in its write: `since` is where the write began).
@@ -367,7 +367,7 @@ pub fn insert(
             Ok(if stored == 1 {
                 Stored::Yes
             } else {
-                Stored::Copy
+                Stored::Copy(Box::new(att))
             })
         }
     }

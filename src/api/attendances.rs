@@ -238,15 +238,15 @@ pub async fn create(
                 detail: Some(json!({"setting_ods": att.setting_ods, "setting_type": att.setting_type, "method": att.match_method}).to_string()),
             })?;
             let json = answer(&att, resolution.as_ref(), &view, &notified);
-            let (source, notified) = ((att.setting_ods.clone(), att.attendance_id.clone()), !notified.is_empty());
+            let notified = !notified.is_empty();
             match attendances::insert(conn, att, &mark)? {
                 Stored::Yes => Ok(Ok((json, notified, None))),
-                Stored::AtBatchEnd(copy) => Ok(Ok((json, notified, Some((copy, source))))),
-                Stored::Copy => {
+                Stored::AtBatchEnd(copy) => Ok(Ok((json, notified, Some(copy)))),
+                Stored::Copy(att) => {
                     // Another instance stored it a moment ago: this write's audit event and rows go, and the
                     // caller is answered as any repeat is.
                     mark.discard();
-                    match AttendanceRow::find_by_source(conn, &source.0, &source.1)? {
+                    match AttendanceRow::find_by_source(conn, &att.setting_ods, &att.attendance_id)? {
                         Some(existing) => Ok(Err(existing)),
                         None => Err(being_recorded()),
                     }
@@ -255,11 +255,14 @@ pub async fn create(
         })
         .await?;
     match stored {
-        Ok((_, _, Some((copy, (s, a))))) if copy.is_copy() => {
+        Ok((_, _, Some(copy))) if copy.is_copy() => {
             // Its batch found a copy already stored and dropped this write's rows.
             let existing = state
                 .db
-                .read(move |conn| Ok::<_, ApiError>(AttendanceRow::find_by_source(conn, &s, &a)?))
+                .read(move |conn| {
+                    let (setting, id) = copy.source();
+                    Ok::<_, ApiError>(AttendanceRow::find_by_source(conn, setting, id)?)
+                })
                 .await?
                 .ok_or_else(being_recorded)?;
             repeat(&state, principal.actor(role), existing).await

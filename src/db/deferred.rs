@@ -45,13 +45,26 @@ pub struct Deferred {
 }
 
 /// Tells a write whose attendance waited for the batch's end whether it was a copy of one already stored: set
-/// before the batch commits, so it is known once the write is answered.
-#[derive(Debug, Clone, Default)]
-pub struct CopyFound(Arc<AtomicBool>);
+/// before the batch commits, so it is known once the write is answered. It keeps the attendance's setting and id,
+/// by which the first copy is read then.
+#[derive(Debug, Clone)]
+pub struct CopyFound(Arc<Told>);
+
+#[derive(Debug)]
+struct Told {
+    copy: AtomicBool,
+    setting_ods: String,
+    attendance_id: String,
+}
 
 impl CopyFound {
     pub fn is_copy(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.copy.load(Ordering::Acquire)
+    }
+
+    /// The attendance's setting and attendance id.
+    pub fn source(&self) -> (&str, &str) {
+        (&self.0.setting_ods, &self.0.attendance_id)
     }
 }
 
@@ -125,7 +138,11 @@ pub fn keep_unsure(
     let audit = crate::audit::batch_mark();
     DEFERRED.with(|d| match d.borrow_mut().as_mut() {
         Some(d) => {
-            let told = CopyFound::default();
+            let told = CopyFound(Arc::new(Told {
+                copy: AtomicBool::new(false),
+                setting_ods: att.setting_ods.clone(),
+                attendance_id: att.attendance_id.clone(),
+            }));
             d.unsure.push(Unsure {
                 attendance: d.attendances.len(),
                 id: att.id.clone(),
@@ -159,7 +176,7 @@ impl Deferred {
             if stored.contains(&u.id) {
                 continue;
             }
-            u.told.0.store(true, Ordering::Release);
+            u.told.0.copy.store(true, Ordering::Release);
             let (from, to) = (u.from.0, u.to.0);
             self.accesses.drain(from.0..to.0);
             let made = &self.notifications[from.2..to.2];

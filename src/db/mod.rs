@@ -1557,21 +1557,6 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertOrFa
     }
 }
 
-/// Multi-row inserts, which diesel's connection enum cannot express for both backends at once: the same
-/// statement, typed once per backend.
-///
-/// On SQLite, rows go in fixed-size chunks (64, 16, 4, then 1 at a time): a fixed-size array of rows is one
-/// multi-row statement whose prepared form diesel finds by type, so each table has four statements, prepared
-/// once per connection (a slice of any length would be a new SQL text, built and looked up on every call). On
-/// PostgreSQL, where each statement is a round trip to the server, the chunks are the powers of two from 64
-/// down to 1, so a batch of `n` rows up to 127 takes as many statements as `n` has bits set (a batch of 9 takes
-/// two) and a bulk file's chunk of 1,000 seventeen, each prepared once per connection by the server. A slice
-/// would be an unnamed statement that PostgreSQL parses, analyses and plans on every call: about half its time
-/// on a bulk file's inserts, and a fifth of the writer's session under flag checks (BENCHMARKS.md, change 62).
-/// Chunks of up to 512 were no faster, and a prepared insert of 512 rows of 21 columns holds about 2.8 MB in
-/// its server session against 0.4 MB for one of 64. Callers pass all their rows at once. The row types are
-/// `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a multi-row
-/// insert for SQLite and runs one insert per row inside a savepoint instead.
 /// While at least `n` rows are left in `$rest`, runs `$body` with the next `n` as the array `$chunk`, for each
 /// chunk size `n` of the backend's in turn (see [`batch_insert!`]): on PostgreSQL the powers of two from 64 down,
 /// on SQLite 64, 16, 4 and 1.
@@ -1592,6 +1577,21 @@ macro_rules! in_chunks {
     )*}};
 }
 
+/// Multi-row inserts, which diesel's connection enum cannot express for both backends at once: the same
+/// statement, typed once per backend.
+///
+/// On SQLite, rows go in fixed-size chunks (64, 16, 4, then 1 at a time): a fixed-size array of rows is one
+/// multi-row statement whose prepared form diesel finds by type, so each table has four statements, prepared
+/// once per connection (a slice of any length would be a new SQL text, built and looked up on every call). On
+/// PostgreSQL, where each statement is a round trip to the server, the chunks are the powers of two from 64
+/// down to 1, so a batch of `n` rows up to 127 takes as many statements as `n` has bits set (a batch of 9 takes
+/// two) and a bulk file's chunk of 1,000 seventeen, each prepared once per connection by the server. A slice
+/// would be an unnamed statement that PostgreSQL parses, analyses and plans on every call: about half its time
+/// on a bulk file's inserts, and a fifth of the writer's session under flag checks (BENCHMARKS.md, change 62).
+/// Chunks of up to 512 were no faster, and a prepared insert of 512 rows of 21 columns holds about 2.8 MB in
+/// its server session against 0.4 MB for one of 64. Callers pass all their rows at once. The row types are
+/// `treat_none_as_default_value = false`: with `DEFAULT` for absent values, diesel cannot write a multi-row
+/// insert for SQLite and runs one insert per row inside a savepoint instead.
 macro_rules! batch_insert {
     ($(#[$doc:meta])* $name:ident, $table:path, $row:ty) => {
         $(#[$doc])*
