@@ -209,8 +209,13 @@ pub struct MailSettings {
     pub fallback_address: Option<String>,
     /// Whether notification emails carry the child's NHS number (initials are always the most a name shows).
     pub include_identifiers: bool,
-    /// Seconds to wait for the SMTP server.
+    /// Seconds to wait for the SMTP server at each step of opening a session (connecting, TLS, greeting,
+    /// STARTTLS, login); a whole send, opening included, is given up after twice this.
     pub timeout_secs: u64,
+    /// SMTP sessions open at once, each kept for the next message: the most the deliverer sends in parallel
+    /// to the relay. More sends wait for a session, rather than each opening a connection (and a TLS
+    /// handshake) of its own that the pool would close again.
+    pub max_connections: u32,
 }
 
 impl Default for MailSettings {
@@ -227,6 +232,7 @@ impl Default for MailSettings {
             fallback_address: None,
             include_identifiers: true,
             timeout_secs: 15,
+            max_connections: 8,
         }
     }
 }
@@ -550,6 +556,15 @@ impl Settings {
         if self.webhook.timeout_secs == 0 {
             return Err(invalid("webhook.timeout_secs", "must be at least 1"));
         }
+        if self.mail.timeout_secs == 0 {
+            return Err(invalid("mail.timeout_secs", "must be at least 1"));
+        }
+        if !(1..=1000).contains(&self.mail.max_connections) {
+            return Err(invalid(
+                "mail.max_connections",
+                "must be between 1 and 1000",
+            ));
+        }
         if self.audit.retention_days < 365 {
             return Err(invalid("audit.retention_days", "must be at least 365 days"));
         }
@@ -670,6 +685,25 @@ mod tests {
         assert!(s.validate().unwrap_err().to_string().contains("mail.tls"));
         s.mail.allow_insecure = true;
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn mail_needs_at_least_one_session_and_a_timeout() {
+        let mut s = Settings::for_database("sqlite://x.db");
+        assert_eq!(s.mail.max_connections, 8);
+        s.mail.max_connections = 0;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("mail.max_connections"));
+        s.mail.max_connections = 1;
+        s.mail.timeout_secs = 0;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("mail.timeout_secs"));
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub async fn run_now(state: &AppState, name: &str) -> anyhow::Result<String> {
                 total.delivered += r.delivered;
                 total.retrying += r.retrying;
                 total.dead += r.dead;
-                if (r.claimed as i64) < state.settings.delivery.batch_size {
+                total.released += r.released;
+                // What a tick handed back unsent is due at once: the next tick takes it.
+                if (r.claimed as i64) < state.settings.delivery.batch_size && r.released == 0 {
                     break;
                 }
             }

@@ -61,6 +61,9 @@ impl AppState {
             &settings.webhook,
         )?);
         let retry_schedule = settings.delivery.schedule()?;
+        let mail_sessions = Arc::new(tokio::sync::Semaphore::new(
+            settings.mail.max_connections as usize,
+        ));
         let metrics = crate::metrics::Metrics::new();
         metrics.register_db(&db);
         Ok(AppState {
@@ -72,6 +75,7 @@ impl AppState {
                 mailer,
                 webhooks,
                 mail_domain,
+                mail_sessions,
             },
             deliver_wakeup: Arc::new(tokio::sync::Notify::new()),
             instance_id: uuid::Uuid::new_v4().to_string(),

@@ -28,6 +28,10 @@ pub struct Outbound {
     pub webhooks: Arc<dyn WebhookClient>,
     /// Domain of `Message-ID`s.
     pub mail_domain: String,
+    /// One permit per SMTP session the mailer's pool keeps (`mail.max_connections`): an email is sent only
+    /// while it holds one, so every send finds a session open (after the first few) instead of opening a
+    /// connection and a TLS handshake that the pool would close again.
+    pub mail_sessions: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -36,6 +40,9 @@ pub struct TickReport {
     pub delivered: usize,
     pub retrying: usize,
     pub dead: usize,
+    /// Claimed channels not sent because the tick ran too close to the end of its lease; handed back at once,
+    /// with no attempt counted, for the next tick.
+    pub released: usize,
 }
 
 /// What one send came to.
@@ -67,6 +74,12 @@ struct Claim {
     endpoint: Option<EndpointRow>,
 }
 
+/// What became of a claimed channel: sent (whatever the answer), or handed back unsent.
+enum Sending {
+    Done(Box<Done>),
+    Released(DeliveryRow),
+}
+
 /// A send that has finished, waiting to be recorded.
 struct Done {
     n: NotificationRow,
@@ -76,16 +89,19 @@ struct Done {
 }
 
 /// One tick: claims a batch, delivers it with bounded concurrency, and records the sends as they finish, those
-/// that finish together in one write. Answers what happened.
+/// that finish together in one write. A channel whose send has not started by [`start_by`] is handed back
+/// unsent. Answers what happened.
 pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
     let now = state.clock.now_naive();
-    let lease = now + chrono::Duration::seconds(state.settings.delivery.lease_secs as i64);
+    let lease_secs = state.settings.delivery.lease_secs;
+    let lease = now + chrono::Duration::seconds(lease_secs as i64);
     let instance = state.instance_id.clone();
     let batch = state.settings.delivery.batch_size;
     let claimed = state
         .db
         .write(move |conn| Ok::<_, DbError>(claim_deliveries(conn, now, lease, &instance, batch)?))
         .await?;
+    let start_by = Instant::now() + start_by(&state.settings, Duration::from_secs(lease_secs));
     let mut report = TickReport {
         claimed: claimed.len(),
         ..Default::default()
@@ -97,14 +113,19 @@ pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
     let (finished, mut finishing) = tokio::sync::mpsc::unbounded_channel::<Done>();
     let sending = async move {
         futures_util::stream::iter(claims)
-            .map(|c| send_claim(state, c))
+            .map(|c| send_claim(state, c, start_by))
             .buffer_unordered(state.settings.delivery.concurrency)
-            .for_each(|done| {
-                // The receiver lives until every sender is gone, which is after this stream ends.
-                let _ = finished.send(done);
-                std::future::ready(())
+            .fold(Vec::new(), |mut released, sending| {
+                match sending {
+                    // The receiver lives until every sender is gone, which is after this stream ends.
+                    Sending::Done(done) => {
+                        let _ = finished.send(*done);
+                    }
+                    Sending::Released(d) => released.push(d),
+                }
+                std::future::ready(released)
             })
-            .await;
+            .await
     };
     let recording = async {
         let mut outcomes = Vec::new();
@@ -126,7 +147,7 @@ pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
         }
         outcomes
     };
-    let ((), outcomes) = tokio::join!(sending, recording);
+    let (released, outcomes) = tokio::join!(sending, recording);
     for outcome in outcomes {
         match outcome {
             Outcome::Delivered => report.delivered += 1,
@@ -135,10 +156,67 @@ pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
             Outcome::Skipped => {}
         }
     }
+    if !released.is_empty() {
+        report.released = released.len();
+        match release(state, released).await {
+            Ok(()) => tracing::info!(
+                released = report.released,
+                "deliveries not started before the end of their lease were handed back unsent"
+            ),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), deliveries = report.released, "deliveries could not be handed back; their lease will expire and they will be sent then")
+            }
+        }
+    }
     if report.dead > 0 {
         state.wake_deliverer();
     }
     Ok(report)
+}
+
+/// How long after its claim a tick may still start a send: the lease less the longest a send may take (an
+/// email's whole session, or a webhook request), so that no send outlives the claim and is made again by
+/// another instance meanwhile. A lease shorter than twice that keeps its first half for sending.
+pub fn start_by(settings: &crate::config::Settings, lease: Duration) -> Duration {
+    let longest = email_limit(settings).max(Duration::from_secs(settings.webhook.timeout_secs));
+    lease.saturating_sub(longest).max(lease / 2)
+}
+
+/// The most one email's send may take: the mailer gives it up after twice `mail.timeout_secs`.
+fn email_limit(settings: &crate::config::Settings) -> Duration {
+    Duration::from_secs(settings.mail.timeout_secs.saturating_mul(2))
+}
+
+/// Hands claimed channels back unsent: their lease ends now and they stay due, with no attempt counted.
+async fn release(state: &AppState, rows: Vec<DeliveryRow>) -> anyhow::Result<()> {
+    let instance = state.instance_id.clone();
+    state
+        .db
+        .write(move |conn| {
+            for channel in [EMAIL, WEBHOOK] {
+                let ids: Vec<&str> = rows
+                    .iter()
+                    .filter(|d| d.channel == channel)
+                    .map(|d| d.notification_id.as_str())
+                    .collect();
+                for ids in ids.chunks(500) {
+                    crate::on_backend!(conn, |c| diesel::update(
+                        deliveries::table
+                            .filter(deliveries::channel.eq(channel))
+                            .filter(deliveries::notification_id.eq_any(ids))
+                            .filter(deliveries::leased_by.eq(&instance)),
+                    )
+                    .set((
+                        deliveries::lease_until.eq(None::<Stamp>),
+                        deliveries::leased_by.eq(None::<String>),
+                    ))
+                    .execute(c))?;
+                }
+            }
+            Ok::<_, DbError>(())
+        })
+        .await?;
+    Ok(())
 }
 
 /// The claimed channels' notifications, delivery rows and endpoints, in one read (three queries).
@@ -191,20 +269,28 @@ async fn load(state: &AppState, claimed: Vec<crate::db::Claimed>) -> anyhow::Res
     Ok(claims)
 }
 
-async fn send_claim(state: &AppState, claim: Claim) -> Done {
+async fn send_claim(state: &AppState, claim: Claim, start_by: Instant) -> Sending {
     let Claim { n, d, endpoint } = claim;
+    // An email waits here for one of the sessions the mailer keeps open.
+    let _session = match d.channel.as_str() {
+        EMAIL => state.outbound.mail_sessions.acquire().await.ok(),
+        _ => None,
+    };
+    if Instant::now() >= start_by {
+        return Sending::Released(d);
+    }
     let span = tracing::info_span!("delivery", notification = %n.id, channel = %d.channel, attempt = d.attempts + 1);
     let started = Instant::now();
     let sent = send(state, &n, &d, endpoint.as_ref())
         .instrument(span)
         .await;
     let elapsed = started.elapsed();
-    Done {
+    Sending::Done(Box::new(Done {
         n,
         d,
         sent,
         elapsed,
-    }
+    }))
 }
 
 async fn send(
@@ -549,6 +635,27 @@ pub async fn alert_unconfigured(state: &AppState) -> anyhow::Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tick_starts_sends_until_the_longest_send_would_outlive_its_lease() {
+        let mut s = crate::config::Settings::for_database("sqlite::memory:");
+        // The defaults: an email may take 30 s (twice the 15 s step), a webhook 10 s; the lease is 120 s.
+        let lease = Duration::from_secs(s.delivery.lease_secs);
+        assert_eq!(start_by(&s, lease), Duration::from_secs(90));
+        s.webhook.timeout_secs = 45;
+        assert_eq!(start_by(&s, lease), Duration::from_secs(75));
+        // A lease shorter than twice the longest send keeps its first half for sending.
+        assert_eq!(
+            start_by(&s, Duration::from_secs(60)),
+            Duration::from_secs(30)
+        );
+        s.mail.timeout_secs = 1;
+        s.webhook.timeout_secs = 3;
+        assert_eq!(
+            start_by(&s, Duration::from_secs(5)),
+            Duration::from_millis(2500)
+        );
+    }
 
     fn at() -> NaiveDateTime {
         chrono::NaiveDate::from_ymd_opt(2026, 11, 25)

@@ -8,6 +8,7 @@ use crate::smtp::{start_smtp, SmtpServer};
 use cpis::config::{MailTls, Settings};
 use cpis::startup::AppState;
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -531,6 +532,176 @@ async fn one_tick_records_each_of_many_outcomes_against_its_own_notification() {
                 assert_eq!(n["status"], "pending", "{n}");
             }
         }
+    }
+}
+
+/// `count` flagged attendances of one child, two days apart from the `from`th such date on (each its own visit,
+/// so each its own notification to Birmingham: a webhook and an email). Answers the notification ids.
+async fn visits(s: &Setup, from: i64, count: i64) -> Vec<String> {
+    let first = chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap();
+    let mut ids = Vec::new();
+    for n in from..from + count {
+        let day = first + chrono::Duration::days(2 * n);
+        let mut visit = attendance(&format!("ATT-V{n}"), "ED");
+        visit["arrived_at"] = json!(format!("{day}T10:00:00Z"));
+        let resp = s.app.post("/v1/attendances", &s.ed, visit).await;
+        assert_eq!(resp.status, 201, "{resp:?}");
+        ids.push(resp.body["notifications"][0].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+/// The deliverer sends email over no more SMTP sessions than `mail.max_connections`, and keeps them open for
+/// the next messages: a relay is not flooded with connections (each with a TLS handshake) when a backlog goes
+/// out, and every email after a session's first reuses it.
+#[tokio::test]
+async fn email_goes_out_over_at_most_the_configured_sessions_kept_open_between_messages() {
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        let s = setup(backend, &smtp, &receiver, &["0s", "1h"]).await;
+        let mut first = visits(&s, 0, 12).await;
+        let mut settings = s.settings.clone();
+        settings.mail.max_connections = 2;
+        let st = state(&settings);
+        let report: Value =
+            serde_json::from_str(&cpis::jobs::run_now(&st, "deliver").await.unwrap()).unwrap();
+        assert_eq!(
+            report["delivered"], 24,
+            "12 emails and 12 webhooks: {report}"
+        );
+        // More mail later, in another tick: the same sessions carry it.
+        let mut second = visits(&s, 12, 6).await;
+        let report: Value =
+            serde_json::from_str(&cpis::jobs::run_now(&st, "deliver").await.unwrap()).unwrap();
+        assert_eq!(report["delivered"], 12, "{report}");
+
+        let mut mailed: Vec<String> = smtp
+            .mails()
+            .iter()
+            .map(|m| m.notification_id().unwrap())
+            .collect();
+        first.append(&mut second);
+        first.sort();
+        mailed.sort();
+        assert_eq!(mailed, first, "each notification mailed once");
+        assert!(smtp.mails().iter().all(|m| m.over_tls));
+        let most_open = smtp.connections.most_open.load(Ordering::SeqCst);
+        let accepted = smtp.connections.accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=2).contains(&most_open),
+            "at most two sessions at once, {most_open} were open"
+        );
+        assert!(
+            accepted <= 2,
+            "18 emails over the two sessions kept open, not {accepted} connections"
+        );
+    }
+}
+
+/// Mail to a relay that speaks TLS from the first byte (`mail.tls = "tls"`, port 465) goes out as over STARTTLS.
+#[tokio::test]
+async fn mail_goes_out_over_implicit_tls() {
+    let smtp = crate::smtp::start_smtp_implicit_tls().await;
+    let receiver = start_receiver();
+    let s = setup(Backend::Sqlite, &smtp, &receiver, &["0s", "1h"]).await;
+    let ids = visits(&s, 0, 3).await;
+    let mut settings = s.settings.clone();
+    settings.mail.tls = MailTls::Tls;
+    let st = state(&settings);
+    let report: Value =
+        serde_json::from_str(&cpis::jobs::run_now(&st, "deliver").await.unwrap()).unwrap();
+    assert_eq!(report["delivered"], 6, "{report}");
+    let mails = smtp.mails();
+    assert!(mails.iter().all(|m| m.over_tls));
+    let mut mailed: Vec<String> = mails.iter().filter_map(|m| m.notification_id()).collect();
+    mailed.sort();
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(mailed, ids);
+
+    // A relay whose certificate the service does not trust gets nothing.
+    let stranger = crate::smtp::start_smtp_implicit_tls().await;
+    let mut settings = s.settings.clone();
+    settings.mail.tls = MailTls::Tls;
+    settings.mail.port = stranger.port;
+    let st = state(&settings);
+    visits(&s, 3, 1).await;
+    let report: Value =
+        serde_json::from_str(&cpis::jobs::run_now(&st, "deliver").await.unwrap()).unwrap();
+    assert_eq!(
+        report["retrying"], 1,
+        "the email fails and waits for its retry: {report}"
+    );
+    assert!(stranger.mails().is_empty());
+}
+
+/// A tick starts no send so late that it could outlive the tick's lease (after which another instance may take
+/// the same delivery and send it too): what a slow relay leaves unstarted by then is handed back unsent, with
+/// no attempt counted, and goes out with the next tick.
+#[tokio::test]
+async fn a_tick_hands_back_unsent_what_it_cannot_start_before_its_lease_ends() {
+    for backend in backends() {
+        let smtp = start_smtp(0).await;
+        let receiver = start_receiver();
+        let s = setup(backend, &smtp, &receiver, &["0s", "1h"]).await;
+        let ids = visits(&s, 0, 6).await;
+        let mut settings = s.settings.clone();
+        // One session, a relay taking 1.5 s per message, and a 5 s lease: with sends given up to 3 s (the
+        // webhook's timeout; an email's whole send gets twice the 1 s of `mail.timeout_secs`), a send may start
+        // up to 2.5 s into the tick. Two emails start by then; the third would start at about 3 s.
+        settings.mail.max_connections = 1;
+        settings.mail.timeout_secs = 1;
+        settings.delivery.lease_secs = 5;
+        *smtp.delay.lock().unwrap() = Duration::from_millis(1500);
+        let st = state(&settings);
+        let report = cpis::notify::deliver::tick(&st).await.unwrap();
+        assert_eq!(report.claimed, 12, "{report:?}");
+        assert_eq!(
+            report.delivered,
+            6 + 2,
+            "every webhook and two emails: {report:?}"
+        );
+        assert_eq!(report.released, 4, "{report:?}");
+        assert_eq!(smtp.mails().len(), 2);
+
+        let mailed: Vec<String> = smtp
+            .mails()
+            .iter()
+            .map(|m| m.notification_id().unwrap())
+            .collect();
+        for id in ids.iter().filter(|id| !mailed.contains(id)) {
+            let n = notification(&s, id).await;
+            let email = n["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["channel"] == "email")
+                .unwrap()
+                .clone();
+            assert_eq!(email["status"], "pending", "{n}");
+            assert_eq!(email["attempts"], 0, "handed back without an attempt: {n}");
+            let attempts = n["attempts"].as_array().unwrap();
+            assert!(
+                attempts.iter().all(|a| a["channel"] != "email"),
+                "no email attempt recorded: {n}"
+            );
+        }
+
+        // The relay is quick again: the next tick takes what was handed back at once.
+        *smtp.delay.lock().unwrap() = Duration::ZERO;
+        let report = cpis::notify::deliver::tick(&st).await.unwrap();
+        assert_eq!(report.claimed, 4, "{report:?}");
+        assert_eq!(report.delivered, 4, "{report:?}");
+        let mut mailed: Vec<String> = smtp
+            .mails()
+            .iter()
+            .map(|m| m.notification_id().unwrap())
+            .collect();
+        mailed.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        assert_eq!(mailed, expected, "each email sent once");
     }
 }
 

@@ -3,6 +3,7 @@
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -52,6 +53,10 @@ pub struct SmtpServer {
     pub mails: Arc<Mutex<Vec<Mail>>>,
     /// Connections that tried to send mail without STARTTLS and were refused.
     pub refused_plain: Arc<Mutex<usize>>,
+    /// Connections accepted, open now, and the most open at once.
+    pub connections: Arc<Connections>,
+    /// How long the server takes to accept each message once it has it all (a slow relay).
+    pub delay: Arc<Mutex<std::time::Duration>>,
     acceptor: TlsAcceptor,
     ca_pem: String,
     _dir: tempfile::TempDir,
@@ -61,6 +66,38 @@ impl SmtpServer {
     pub fn mails(&self) -> Vec<Mail> {
         self.mails.lock().unwrap().clone()
     }
+}
+
+#[derive(Debug, Default)]
+pub struct Connections {
+    pub accepted: AtomicUsize,
+    pub open: AtomicUsize,
+    pub most_open: AtomicUsize,
+}
+
+/// Counts a connection open for as long as it lives.
+struct Counted(Arc<Connections>);
+
+impl Counted {
+    fn new(c: &Arc<Connections>) -> Self {
+        c.accepted.fetch_add(1, Ordering::SeqCst);
+        let open = c.open.fetch_add(1, Ordering::SeqCst) + 1;
+        c.most_open.fetch_max(open, Ordering::SeqCst);
+        Counted(c.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How the server starts a session: plain with STARTTLS offered, or TLS from the first byte (implicit TLS).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Starttls,
+    Implicit,
 }
 
 struct Tls {
@@ -94,7 +131,12 @@ fn make_tls() -> Tls {
 
 /// Starts the server on `port` (0 for any free one).
 pub async fn start_smtp(port: u16) -> SmtpServer {
-    start(port, make_tls()).await
+    start(port, make_tls(), Mode::Starttls).await
+}
+
+/// Starts a server that speaks TLS from the first byte, as on port 465.
+pub async fn start_smtp_implicit_tls() -> SmtpServer {
+    start(0, make_tls(), Mode::Implicit).await
 }
 
 /// Starts another server on `port` with the same certificate as `like` (the same server, back up).
@@ -105,11 +147,12 @@ pub async fn start_smtp_like(port: u16, like: &SmtpServer) -> SmtpServer {
             acceptor: like.acceptor.clone(),
             ca_pem: like.ca_pem.clone(),
         },
+        Mode::Starttls,
     )
     .await
 }
 
-async fn start(port: u16, tls: Tls) -> SmtpServer {
+async fn start(port: u16, tls: Tls, mode: Mode) -> SmtpServer {
     let dir = tempfile::tempdir().unwrap();
     let ca_cert = dir.path().join("ca.pem");
     std::fs::write(&ca_cert, &tls.ca_pem).unwrap();
@@ -117,29 +160,44 @@ async fn start(port: u16, tls: Tls) -> SmtpServer {
     let port = listener.local_addr().unwrap().port();
     let mails = Arc::new(Mutex::new(Vec::new()));
     let refused = Arc::new(Mutex::new(0));
+    let connections = Arc::new(Connections::default());
+    let delay = Arc::new(Mutex::new(std::time::Duration::ZERO));
     let (sink, refused_sink, acceptor) = (mails.clone(), refused.clone(), tls.acceptor.clone());
+    let (counts, slow) = (connections.clone(), delay.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (sink, refused_sink, acceptor) =
                 (sink.clone(), refused_sink.clone(), acceptor.clone());
+            let counted = Counted::new(&counts);
+            let s = Session {
+                sink,
+                refused: refused_sink,
+                delay: slow.clone(),
+            };
             tokio::spawn(async move {
-                let mut reader = BufReader::new(tcp);
-                if reader
-                    .get_mut()
-                    .write_all(b"220 localhost ESMTP cpis-test\r\n")
-                    .await
-                    .is_err()
-                {
+                let _counted = counted;
+                if mode == Mode::Implicit {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut reader = BufReader::new(stream);
+                    if greet(&mut reader).await {
+                        let _ = session(&mut reader, true, &s).await;
+                    }
                     return;
                 }
-                match session(&mut reader, false, &sink, &refused_sink).await {
+                let mut reader = BufReader::new(tcp);
+                if !greet(&mut reader).await {
+                    return;
+                }
+                match session(&mut reader, false, &s).await {
                     Step::StartTls => {
                         let tcp = reader.into_inner();
                         let Ok(stream) = acceptor.accept(tcp).await else {
                             return;
                         };
                         let mut reader = BufReader::new(stream);
-                        let _ = session(&mut reader, true, &sink, &refused_sink).await;
+                        let _ = session(&mut reader, true, &s).await;
                     }
                     Step::Done => {}
                 }
@@ -151,6 +209,8 @@ async fn start(port: u16, tls: Tls) -> SmtpServer {
         ca_cert,
         mails,
         refused_plain: refused,
+        connections,
+        delay,
         acceptor: tls.acceptor,
         ca_pem: tls.ca_pem,
         _dir: dir,
@@ -162,12 +222,31 @@ enum Step {
     Done,
 }
 
+/// What every session of one server shares.
+struct Session {
+    sink: Arc<Mutex<Vec<Mail>>>,
+    refused: Arc<Mutex<usize>>,
+    delay: Arc<Mutex<std::time::Duration>>,
+}
+
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(reader: &mut BufReader<S>) -> bool {
+    reader
+        .get_mut()
+        .write_all(b"220 localhost ESMTP cpis-test\r\n")
+        .await
+        .is_ok()
+}
+
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     reader: &mut BufReader<S>,
     tls: bool,
-    sink: &Arc<Mutex<Vec<Mail>>>,
-    refused: &Arc<Mutex<usize>>,
+    shared: &Session,
 ) -> Step {
+    let Session {
+        sink,
+        refused,
+        delay,
+    } = shared;
     let mut from = String::new();
     let mut to = Vec::new();
     let mut line = String::new();
@@ -229,6 +308,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     break;
                 }
                 data.push_str(line.strip_prefix('.').unwrap_or(&line));
+            }
+            let delay = *delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
             }
             sink.lock().unwrap().push(Mail {
                 from: from.clone(),
