@@ -245,6 +245,9 @@ pub struct WebhookSettings {
     /// Allow `http://` webhook URLs. Tests only.
     pub allow_http: bool,
     pub timeout_secs: u64,
+    /// Requests in flight at once to one receiver (scheme, host and port), each connection kept for the next:
+    /// a backlog does not open a connection (and a TLS handshake) per webhook to one authority's receiver.
+    pub max_connections: u32,
 }
 
 impl Default for WebhookSettings {
@@ -253,6 +256,7 @@ impl Default for WebhookSettings {
             allow_private_targets: false,
             allow_http: false,
             timeout_secs: 10,
+            max_connections: 16,
         }
     }
 }
@@ -565,6 +569,12 @@ impl Settings {
                 "must be between 1 and 1000",
             ));
         }
+        if !(1..=1000).contains(&self.webhook.max_connections) {
+            return Err(invalid(
+                "webhook.max_connections",
+                "must be between 1 and 1000",
+            ));
+        }
         if self.audit.retention_days < 365 {
             return Err(invalid("audit.retention_days", "must be at least 365 days"));
         }
@@ -698,6 +708,13 @@ mod tests {
             .to_string()
             .contains("mail.max_connections"));
         s.mail.max_connections = 1;
+        s.webhook.max_connections = 0;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("webhook.max_connections"));
+        s.webhook.max_connections = 1;
         s.mail.timeout_secs = 0;
         assert!(s
             .validate()

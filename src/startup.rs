@@ -64,6 +64,8 @@ impl AppState {
         let mail_sessions = Arc::new(tokio::sync::Semaphore::new(
             settings.mail.max_connections as usize,
         ));
+        let webhook_sessions =
+            crate::notify::deliver::WebhookSessions::new(settings.webhook.max_connections as usize);
         let metrics = crate::metrics::Metrics::new();
         metrics.register_db(&db);
         Ok(AppState {
@@ -76,6 +78,7 @@ impl AppState {
                 webhooks,
                 mail_domain,
                 mail_sessions,
+                webhook_sessions,
             },
             deliver_wakeup: Arc::new(tokio::sync::Notify::new()),
             instance_id: uuid::Uuid::new_v4().to_string(),

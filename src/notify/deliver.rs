@@ -32,6 +32,38 @@ pub struct Outbound {
     /// while it holds one, so every send finds a session open (after the first few) instead of opening a
     /// connection and a TLS handshake that the pool would close again.
     pub mail_sessions: Arc<tokio::sync::Semaphore>,
+    /// The same for webhooks, per receiver (`webhook.max_connections` each).
+    pub webhook_sessions: WebhookSessions,
+}
+
+/// Permits for requests in flight to each webhook receiver, by origin (scheme, host and port).
+pub struct WebhookSessions {
+    each: usize,
+    by_origin: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl WebhookSessions {
+    pub fn new(each: usize) -> Self {
+        Self {
+            each,
+            by_origin: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The permits of `url`'s receiver. A URL that does not parse is refused when sent; it shares one set.
+    fn of(&self, url: &str) -> Arc<tokio::sync::Semaphore> {
+        let origin = url::Url::parse(url)
+            .map(|u| u.origin().ascii_serialization())
+            .unwrap_or_default();
+        let mut by_origin = self
+            .by_origin
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        by_origin
+            .entry(origin)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.each)))
+            .clone()
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -271,9 +303,28 @@ async fn load(state: &AppState, claimed: Vec<crate::db::Claimed>) -> anyhow::Res
 
 async fn send_claim(state: &AppState, claim: Claim, start_by: Instant) -> Sending {
     let Claim { n, d, endpoint } = claim;
-    // An email waits here for one of the sessions the mailer keeps open.
+    // An email waits here for one of the sessions the mailer keeps open, a webhook for one of its receiver's.
     let _session = match d.channel.as_str() {
-        EMAIL => state.outbound.mail_sessions.acquire().await.ok(),
+        EMAIL => state
+            .outbound
+            .mail_sessions
+            .clone()
+            .acquire_owned()
+            .await
+            .ok(),
+        WEBHOOK => {
+            let url = endpoint
+                .as_ref()
+                .and_then(|e| e.webhook_url.as_deref())
+                .unwrap_or(&d.target);
+            state
+                .outbound
+                .webhook_sessions
+                .of(url)
+                .acquire_owned()
+                .await
+                .ok()
+        }
         _ => None,
     };
     if Instant::now() >= start_by {

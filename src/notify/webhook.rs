@@ -186,7 +186,8 @@ impl HttpWebhookClient {
             .timeout(Duration::from_secs(settings.timeout_secs))
             .connect_timeout(Duration::from_secs(settings.timeout_secs))
             .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(64)
+            // The deliverer sends at most this many at once to one receiver, so each connection is kept.
+            .pool_max_idle_per_host(settings.max_connections as usize)
             .user_agent(concat!("cpis/", env!("CARGO_PKG_VERSION")));
         if !policy.allow_private {
             builder = builder.dns_resolver(Arc::new(GuardedResolver));

@@ -551,18 +551,22 @@ async fn visits(s: &Setup, from: i64, count: i64) -> Vec<String> {
     ids
 }
 
-/// The deliverer sends email over no more SMTP sessions than `mail.max_connections`, and keeps them open for
-/// the next messages: a relay is not flooded with connections (each with a TLS handshake) when a backlog goes
-/// out, and every email after a session's first reuses it.
+/// The deliverer sends email over no more SMTP sessions than `mail.max_connections`, and webhooks to one
+/// receiver over no more connections than `webhook.max_connections`, and keeps them open for the next messages:
+/// a relay or an authority's receiver is not flooded with connections (each with a TLS handshake) when a backlog
+/// goes out, and every message after a connection's first reuses it.
 #[tokio::test]
-async fn email_goes_out_over_at_most_the_configured_sessions_kept_open_between_messages() {
+async fn a_backlog_goes_out_over_at_most_the_configured_connections_kept_open_between_messages() {
     for backend in backends() {
         let smtp = start_smtp(0).await;
         let receiver = start_receiver();
+        // A receiver that takes a moment over each webhook, so that sends would pile up on it.
+        receiver.behaviour.lock().unwrap().delay = Duration::from_millis(20);
         let s = setup(backend, &smtp, &receiver, &["0s", "1h"]).await;
         let mut first = visits(&s, 0, 12).await;
         let mut settings = s.settings.clone();
         settings.mail.max_connections = 2;
+        settings.webhook.max_connections = 3;
         let st = state(&settings);
         let report: Value =
             serde_json::from_str(&cpis::jobs::run_now(&st, "deliver").await.unwrap()).unwrap();
@@ -570,31 +574,45 @@ async fn email_goes_out_over_at_most_the_configured_sessions_kept_open_between_m
             report["delivered"], 24,
             "12 emails and 12 webhooks: {report}"
         );
-        // More mail later, in another tick: the same sessions carry it.
+        // More later, in another tick: the same connections carry it.
         let mut second = visits(&s, 12, 6).await;
         let report: Value =
             serde_json::from_str(&cpis::jobs::run_now(&st, "deliver").await.unwrap()).unwrap();
         assert_eq!(report["delivered"], 12, "{report}");
 
+        first.append(&mut second);
+        first.sort();
         let mut mailed: Vec<String> = smtp
             .mails()
             .iter()
             .map(|m| m.notification_id().unwrap())
             .collect();
-        first.append(&mut second);
-        first.sort();
         mailed.sort();
         assert_eq!(mailed, first, "each notification mailed once");
         assert!(smtp.mails().iter().all(|m| m.over_tls));
+        let mut hooked: Vec<String> = receiver.hooks().iter().map(|h| h.id.clone()).collect();
+        hooked.sort();
+        assert_eq!(hooked, first, "each notification posted once");
+
         let most_open = smtp.connections.most_open.load(Ordering::SeqCst);
         let accepted = smtp.connections.accepted.load(Ordering::SeqCst);
         assert!(
             (1..=2).contains(&most_open),
-            "at most two sessions at once, {most_open} were open"
+            "at most two SMTP sessions at once, {most_open} were open"
         );
         assert!(
             accepted <= 2,
             "18 emails over the two sessions kept open, not {accepted} connections"
+        );
+        let most_in_hand = receiver.load.most_in_hand.load(Ordering::SeqCst);
+        let connections = receiver.load.connections.load(Ordering::SeqCst);
+        assert!(
+            (1..=3).contains(&most_in_hand),
+            "at most three webhooks at once, {most_in_hand} were"
+        );
+        assert!(
+            connections <= 3,
+            "18 webhooks over the three connections kept open, not {connections}"
         );
     }
 }

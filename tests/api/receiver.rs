@@ -4,6 +4,7 @@
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use base64::Engine;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,8 +29,17 @@ pub struct Behaviour {
     pub delay: Duration,
 }
 
+/// Connections the receiver accepted, and the most requests it had in hand at once.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub connections: AtomicUsize,
+    in_hand: AtomicUsize,
+    pub most_in_hand: AtomicUsize,
+}
+
 pub struct Receiver {
     pub url: String,
+    pub load: Arc<Load>,
     pub hooks: Arc<Mutex<Vec<Hook>>>,
     /// When each webhook-id arrived.
     pub arrived: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
@@ -76,6 +86,7 @@ fn verify(secret: &str, id: &str, ts: &str, body: &[u8], signature: &str) -> boo
 }
 
 struct Shared {
+    load: Arc<Load>,
     hooks: Arc<Mutex<Vec<Hook>>>,
     arrived: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
     behaviour: Arc<Mutex<Behaviour>>,
@@ -83,6 +94,14 @@ struct Shared {
 }
 
 async fn hook(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
+    let now = shared.load.in_hand.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.load.most_in_hand.fetch_max(now, Ordering::SeqCst);
+    let answer = answer(&req, body, &shared).await;
+    shared.load.in_hand.fetch_sub(1, Ordering::SeqCst);
+    answer
+}
+
+async fn answer(req: &HttpRequest, body: web::Bytes, shared: &Shared) -> HttpResponse {
     let header = |n: &str| {
         req.headers()
             .get(n)
@@ -137,16 +156,22 @@ pub fn start_receiver() -> Receiver {
     }));
     let secrets = Arc::new(Mutex::new(Vec::new()));
     let arrived = Arc::new(Mutex::new(Vec::new()));
+    let load = Arc::new(Load::default());
     let shared = web::Data::new(Shared {
+        load: load.clone(),
         hooks: hooks.clone(),
         arrived: arrived.clone(),
         behaviour: behaviour.clone(),
         secrets: secrets.clone(),
     });
+    let connections = load.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(shared.clone())
             .route("/hook", web::post().to(hook))
+    })
+    .on_connect(move |_, _| {
+        connections.connections.fetch_add(1, Ordering::SeqCst);
     })
     .workers(2)
     .bind(("127.0.0.1", 0))
@@ -155,6 +180,7 @@ pub fn start_receiver() -> Receiver {
     tokio::spawn(server.run());
     Receiver {
         url: format!("http://127.0.0.1:{port}/hook"),
+        load,
         hooks,
         arrived,
         behaviour,
