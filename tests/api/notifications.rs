@@ -8,7 +8,7 @@ use crate::smtp::{start_smtp, SmtpServer};
 use cpis::config::{MailTls, Settings};
 use cpis::startup::AppState;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -551,6 +551,33 @@ async fn visits(s: &Setup, from: i64, count: i64) -> Vec<String> {
     ids
 }
 
+/// The notifications the SMTP server has been mailed, sorted.
+fn mailed(smtp: &SmtpServer) -> Vec<String> {
+    let mut ids: Vec<String> = smtp
+        .mails()
+        .iter()
+        .filter_map(|m| m.notification_id())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Asserts that a server never had more than `limit` connections (or requests) at once, nor accepted more in all.
+fn at_most(limit: usize, most_at_once: &AtomicUsize, accepted: &AtomicUsize, what: &str) {
+    let (most, all) = (
+        most_at_once.load(Ordering::SeqCst),
+        accepted.load(Ordering::SeqCst),
+    );
+    assert!(
+        (1..=limit).contains(&most),
+        "at most {limit} {what} at once, {most} were"
+    );
+    assert!(
+        all <= limit,
+        "{what} over the {limit} connections kept open, not {all} connections"
+    );
+}
+
 /// The deliverer sends email over no more SMTP sessions than `mail.max_connections`, and webhooks to one
 /// receiver over no more connections than `webhook.max_connections`, and keeps them open for the next messages:
 /// a relay or an authority's receiver is not flooded with connections (each with a TLS handshake) when a backlog
@@ -582,38 +609,16 @@ async fn a_backlog_goes_out_over_at_most_the_configured_connections_kept_open_be
 
         first.append(&mut second);
         first.sort();
-        let mut mailed: Vec<String> = smtp
-            .mails()
-            .iter()
-            .map(|m| m.notification_id().unwrap())
-            .collect();
-        mailed.sort();
-        assert_eq!(mailed, first, "each notification mailed once");
+        assert_eq!(mailed(&smtp), first, "each notification mailed once");
         assert!(smtp.mails().iter().all(|m| m.over_tls));
         let mut hooked: Vec<String> = receiver.hooks().iter().map(|h| h.id.clone()).collect();
         hooked.sort();
         assert_eq!(hooked, first, "each notification posted once");
 
-        let most_open = smtp.connections.most_open.load(Ordering::SeqCst);
-        let accepted = smtp.connections.accepted.load(Ordering::SeqCst);
-        assert!(
-            (1..=2).contains(&most_open),
-            "at most two SMTP sessions at once, {most_open} were open"
-        );
-        assert!(
-            accepted <= 2,
-            "18 emails over the two sessions kept open, not {accepted} connections"
-        );
-        let most_in_hand = receiver.load.most_in_hand.load(Ordering::SeqCst);
-        let connections = receiver.load.connections.load(Ordering::SeqCst);
-        assert!(
-            (1..=3).contains(&most_in_hand),
-            "at most three webhooks at once, {most_in_hand} were"
-        );
-        assert!(
-            connections <= 3,
-            "18 webhooks over the three connections kept open, not {connections}"
-        );
+        let c = &smtp.connections;
+        at_most(2, &c.most_open, &c.accepted, "SMTP sessions");
+        let load = &receiver.load;
+        at_most(3, &load.most_in_hand, &load.connections, "webhooks");
     }
 }
 
@@ -630,13 +635,10 @@ async fn mail_goes_out_over_implicit_tls() {
     let report: Value =
         serde_json::from_str(&cpis::jobs::run_now(&st, "deliver").await.unwrap()).unwrap();
     assert_eq!(report["delivered"], 6, "{report}");
-    let mails = smtp.mails();
-    assert!(mails.iter().all(|m| m.over_tls));
-    let mut mailed: Vec<String> = mails.iter().filter_map(|m| m.notification_id()).collect();
-    mailed.sort();
+    assert!(smtp.mails().iter().all(|m| m.over_tls));
     let mut ids = ids;
     ids.sort();
-    assert_eq!(mailed, ids);
+    assert_eq!(mailed(&smtp), ids);
 
     // A relay whose certificate the service does not trust gets nothing.
     let stranger = crate::smtp::start_smtp_implicit_tls().await;
@@ -683,12 +685,8 @@ async fn a_tick_hands_back_unsent_what_it_cannot_start_before_its_lease_ends() {
         assert_eq!(report.released, 4, "{report:?}");
         assert_eq!(smtp.mails().len(), 2);
 
-        let mailed: Vec<String> = smtp
-            .mails()
-            .iter()
-            .map(|m| m.notification_id().unwrap())
-            .collect();
-        for id in ids.iter().filter(|id| !mailed.contains(id)) {
+        let sent = mailed(&smtp);
+        for id in ids.iter().filter(|id| !sent.contains(id)) {
             let n = notification(&s, id).await;
             let email = n["deliveries"]
                 .as_array()
@@ -711,15 +709,9 @@ async fn a_tick_hands_back_unsent_what_it_cannot_start_before_its_lease_ends() {
         let report = cpis::notify::deliver::tick(&st).await.unwrap();
         assert_eq!(report.claimed, 4, "{report:?}");
         assert_eq!(report.delivered, 4, "{report:?}");
-        let mut mailed: Vec<String> = smtp
-            .mails()
-            .iter()
-            .map(|m| m.notification_id().unwrap())
-            .collect();
-        mailed.sort();
         let mut expected = ids.clone();
         expected.sort();
-        assert_eq!(mailed, expected, "each email sent once");
+        assert_eq!(mailed(&smtp), expected, "each email sent once");
     }
 }
 
