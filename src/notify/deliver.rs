@@ -677,6 +677,8 @@ pub async fn alert_unconfigured(state: &AppState) -> anyhow::Result<i64> {
             state.outbound.mail_domain
         ),
     };
+    // Within the sessions the deliverer may use, as every other email.
+    let _session = state.outbound.mail_sessions.acquire().await.ok();
     if let Err(e) = state.outbound.mailer.send(&email).await {
         tracing::error!(error = %e.message, waiting = total, "could not tell the fallback address about authorities without endpoints");
     }
