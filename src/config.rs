@@ -218,6 +218,13 @@ pub struct MailSettings {
     pub max_connections: u32,
 }
 
+impl MailSettings {
+    /// The most one email's whole send may take, opening a session included: twice `timeout_secs`.
+    pub fn send_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_secs.saturating_mul(2))
+    }
+}
+
 impl Default for MailSettings {
     fn default() -> Self {
         Self {
@@ -699,28 +706,17 @@ mod tests {
 
     #[test]
     fn mail_needs_at_least_one_session_and_a_timeout() {
+        let refused_for = |s: &Settings| s.validate().unwrap_err().to_string();
         let mut s = Settings::for_database("sqlite://x.db");
         assert_eq!(s.mail.max_connections, 8);
         s.mail.max_connections = 0;
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("mail.max_connections"));
+        assert!(refused_for(&s).contains("mail.max_connections"));
         s.mail.max_connections = 1;
         s.webhook.max_connections = 0;
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("webhook.max_connections"));
+        assert!(refused_for(&s).contains("webhook.max_connections"));
         s.webhook.max_connections = 1;
         s.mail.timeout_secs = 0;
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("mail.timeout_secs"));
+        assert!(refused_for(&s).contains("mail.timeout_secs"));
     }
 
     #[test]

@@ -125,6 +125,8 @@ struct Done {
 /// unsent. Answers what happened.
 pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
     let now = state.clock.now_naive();
+    // The lease runs from here, before the claim's write, and so does the time a send may still start.
+    let claimed_at = Instant::now();
     let lease_secs = state.settings.delivery.lease_secs;
     let lease = now + chrono::Duration::seconds(lease_secs as i64);
     let instance = state.instance_id.clone();
@@ -133,7 +135,7 @@ pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
         .db
         .write(move |conn| Ok::<_, DbError>(claim_deliveries(conn, now, lease, &instance, batch)?))
         .await?;
-    let start_by = Instant::now() + start_by(&state.settings, Duration::from_secs(lease_secs));
+    let start_by = claimed_at + start_by(&state.settings, Duration::from_secs(lease_secs));
     let mut report = TickReport {
         claimed: claimed.len(),
         ..Default::default()
@@ -210,13 +212,11 @@ pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
 /// email's whole session, or a webhook request), so that no send outlives the claim and is made again by
 /// another instance meanwhile. A lease shorter than twice that keeps its first half for sending.
 pub fn start_by(settings: &crate::config::Settings, lease: Duration) -> Duration {
-    let longest = email_limit(settings).max(Duration::from_secs(settings.webhook.timeout_secs));
+    let longest = settings
+        .mail
+        .send_limit()
+        .max(Duration::from_secs(settings.webhook.timeout_secs));
     lease.saturating_sub(longest).max(lease / 2)
-}
-
-/// The most one email's send may take: the mailer gives it up after twice `mail.timeout_secs`.
-fn email_limit(settings: &crate::config::Settings) -> Duration {
-    Duration::from_secs(settings.mail.timeout_secs.saturating_mul(2))
 }
 
 /// Hands claimed channels back unsent: their lease ends now and they stay due, with no attempt counted.

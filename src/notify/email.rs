@@ -79,9 +79,10 @@ pub struct SmtpMailer {
     implicit: Option<(TlsConnector, ServerName<'static>)>,
     credentials: Option<Credentials>,
     hello: ClientId,
-    /// How long each step of opening a session (connecting, TLS, greeting, STARTTLS, login) may take; a whole
-    /// send, opening included, gets twice this.
+    /// How long each step of opening a session (connecting, TLS, greeting, STARTTLS, login) may take.
     step: Duration,
+    /// How long a whole send may take, opening included ([`MailSettings::send_limit`]).
+    send_limit: Duration,
     /// Sessions open between messages, the most recently used last.
     idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
     keep: usize,
@@ -138,6 +139,7 @@ impl SmtpMailer {
             credentials,
             hello: ClientId::default(),
             step: Duration::from_secs(settings.timeout_secs),
+            send_limit: settings.send_limit(),
             idle: Mutex::new(Vec::new()),
             keep: settings.max_connections as usize,
             from,
@@ -337,7 +339,7 @@ impl Mailer for SmtpMailer {
             code: None,
             message: e.to_string(),
         })?;
-        let limit = self.step.saturating_mul(2);
+        let limit = self.send_limit;
         tokio::time::timeout(
             limit,
             self.deliver(message.envelope(), &message.formatted()),
