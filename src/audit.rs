@@ -393,25 +393,42 @@ pub fn search(
     Ok((rows, total))
 }
 
-/// Deletes audit events recorded before `before`, keeping the chain verifiable: the head remembers where the
-/// remaining chain starts and the hash it continues from. Answers how many were deleted.
-pub fn purge_before(conn: &mut DbConnection, before: NaiveDateTime) -> Result<usize, Error> {
-    let cutoff = format_timestamp(before);
-    let last_old: Option<(i64, String)> = audit_events::table
-        .filter(audit_events::at.lt(&cutoff))
+/// The last event of the chain older than `before`: a purge removes it and every event before it, so that the
+/// chain left is whole from its first event on.
+pub fn last_before(conn: &mut DbConnection, before: NaiveDateTime) -> Result<Option<i64>, Error> {
+    audit_events::table
+        .filter(audit_events::at.lt(format_timestamp(before)))
         .order(audit_events::seq.desc())
-        .select((audit_events::seq, audit_events::hash))
+        .select(audit_events::seq)
         .first(conn)
-        .optional()?;
-    let Some((seq, hash)) = last_old else {
+        .optional()
+}
+
+/// Removes the chain's oldest events, at most `at_most` of them and none after `last` ([`last_before`]), and moves
+/// the chain's recorded start past them, so that `verify` checks what is left from its new first event. Answers
+/// how many went: 0 once nothing up to `last` is left.
+pub fn purge_through(conn: &mut DbConnection, last: i64, at_most: i64) -> Result<usize, Error> {
+    lock_audit_head(conn)?;
+    let first: i64 = audit_head::table
+        .find(1)
+        .select(audit_head::first_seq)
+        .first(conn)?;
+    // The chain's events are numbered without gaps from its first, so this is the `at_most`-th or `last`.
+    let through = last.min(first.saturating_add(at_most.max(1) - 1));
+    let Some(hash) = audit_events::table
+        .filter(audit_events::seq.le(through))
+        .order(audit_events::seq.desc())
+        .select(audit_events::hash)
+        .first::<String>(conn)
+        .optional()?
+    else {
         return Ok(0);
     };
-    lock_audit_head(conn)?;
     let deleted =
-        diesel::delete(audit_events::table.filter(audit_events::seq.le(seq))).execute(conn)?;
+        diesel::delete(audit_events::table.filter(audit_events::seq.le(through))).execute(conn)?;
     diesel::update(audit_head::table.find(1))
         .set((
-            audit_head::first_seq.eq(seq + 1),
+            audit_head::first_seq.eq(through + 1),
             audit_head::first_prev_hash.eq(hash),
         ))
         .execute(conn)?;

@@ -520,44 +520,64 @@ pub struct ExpireReport {
 
 /// The `expire` job: records, with an audit event each, the plans whose end date has passed. A plan's status is
 /// computed from its end date wherever it is shown, so nothing waits on this job to stop flagging.
+///
+/// As the purge does ([`crate::retention::ROWS_PER_WRITE`]), it finds the plans with a read (a scan of the plans,
+/// which no write waits for) and records them in writes of at most that many, each checking again that the plan
+/// is still due and not yet recorded.
 pub async fn expire(state: &crate::startup::AppState) -> anyhow::Result<ExpireReport> {
     use crate::db::schema::plans;
     use diesel::prelude::*;
     let now = state.clock.now_naive();
     let today = state.clock.today();
-    let ended = state
+    let due: Vec<String> = state
         .db
-        .write(move |conn| {
-            let due: Vec<(String, String)> = plans::table
+        .run(move |conn| {
+            plans::table
                 .filter(plans::end_date.lt(Day(today)))
                 .filter(plans::ended_at.is_null())
-                .select((plans::id, plans::nhs_number))
-                .load(conn)?;
-            let actor = Actor {
-                org: "cpis".into(),
-                role: Some("job:expire".into()),
-                ..Default::default()
-            };
-            for (id, nhs) in &due {
-                diesel::update(plans::table.find(id))
-                    .set(plans::ended_at.eq(Some(Stamp(now))))
-                    .execute(conn)?;
-                audit::append(
-                    conn,
-                    now,
-                    &actor,
-                    Event {
-                        action: "plan.expire",
-                        nhs_number: Some(nhs),
-                        subject: Some(id),
-                        outcome: "ended",
-                        ..Default::default()
-                    },
-                )?;
-            }
-            Ok::<_, crate::db::DbError>(due.len())
+                .select(plans::id)
+                .load(conn)
+                .map_err(crate::db::DbError::from)
         })
         .await?;
+    let mut ended = 0;
+    for ids in due.chunks(crate::retention::ROWS_PER_WRITE) {
+        let ids = ids.to_vec();
+        ended += state
+            .db
+            .write(move |conn| {
+                let due: Vec<(String, String)> = plans::table
+                    .filter(plans::id.eq_any(&ids))
+                    .filter(plans::end_date.lt(Day(today)))
+                    .filter(plans::ended_at.is_null())
+                    .select((plans::id, plans::nhs_number))
+                    .load(conn)?;
+                let actor = Actor {
+                    org: "cpis".into(),
+                    role: Some("job:expire".into()),
+                    ..Default::default()
+                };
+                for (id, nhs) in &due {
+                    diesel::update(plans::table.find(id))
+                        .set(plans::ended_at.eq(Some(Stamp(now))))
+                        .execute(conn)?;
+                    audit::append(
+                        conn,
+                        now,
+                        &actor,
+                        Event {
+                            action: "plan.expire",
+                            nhs_number: Some(nhs),
+                            subject: Some(id),
+                            outcome: "ended",
+                            ..Default::default()
+                        },
+                    )?;
+                }
+                Ok::<_, crate::db::DbError>(due.len())
+            })
+            .await?;
+    }
     tracing::info!(ended, "expire finished");
     Ok(ExpireReport { ended })
 }

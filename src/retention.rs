@@ -12,7 +12,7 @@ use crate::db::stamp::Stamp;
 use crate::db::{DbConnection, DbError};
 use crate::domain::PlanType;
 use crate::startup::AppState;
-use chrono::{Months, NaiveDate, NaiveDateTime};
+use chrono::{Months, NaiveDate};
 use diesel::prelude::*;
 use diesel::result::Error;
 
@@ -46,14 +46,37 @@ pub fn delete_date(plan: &PlanRow, r: &RetentionSettings) -> Option<NaiveDate> {
     }
 }
 
-fn purge_in(
+/// The most rows one of the purge's writes removes or clears.
+///
+/// The purge finds what is due with reads, which never hold up a write, and removes it in writes of at most this
+/// many rows, each through the group-commit writer like any other write. Flag checks and attendances queued behind
+/// the writer then wait for one such write at most, not for the whole purge: as one write, the purge scanned the
+/// plans, persons, attendances, accesses and notifications tables while every other write waited, 2.1 s a night
+/// at the benchmark's default size with nothing due (BENCHMARKS.md, twenty-sixth session).
+pub const ROWS_PER_WRITE: usize = 1_000;
+
+/// Ids a read hands the writes at once, at most: each read of a table without an index for the purge's
+/// condition scans it, so a read finds many writes' worth.
+const READ_BATCHES: usize = 20;
+
+impl PurgeReport {
+    fn add(&mut self, other: PurgeReport) {
+        self.plans += other.plans;
+        self.persons += other.persons;
+        self.identifier_links += other.identifier_links;
+        self.attendances += other.attendances;
+        self.accesses += other.accesses;
+        self.notifications_cleared += other.notifications_cleared;
+        self.audit_events += other.audit_events;
+    }
+}
+
+/// Plans past their delete date, as (NHS number, plan id), found by a read.
+fn due_plans(
     conn: &mut DbConnection,
-    now: NaiveDateTime,
     today: NaiveDate,
     r: &RetentionSettings,
-    audit_before: NaiveDateTime,
-) -> Result<PurgeReport, Error> {
-    let mut report = PurgeReport::default();
+) -> Result<Vec<(String, String)>, Error> {
     let candidates: Vec<PlanRow> = plans::table
         .filter(
             plans::delete_date
@@ -63,122 +86,346 @@ fn purge_in(
         )
         .select(PlanRow::as_select())
         .load(conn)?;
-    let due: Vec<&PlanRow> = candidates
-        .iter()
+    let mut due: Vec<(String, String)> = candidates
+        .into_iter()
+        .filter(|p| delete_date(p, r).is_some_and(|d| d <= today))
+        .map(|p| (p.nhs_number, p.id))
+        .collect();
+    due.sort();
+    Ok(due)
+}
+
+/// Rows about these people that no index leads to, found by a read (a scan of each table): attendances sent with
+/// one of the numbers (those resolved to it are found by their index in the write), and notifications about them.
+fn unindexed_rows(
+    conn: &mut DbConnection,
+    numbers: &[String],
+) -> Result<(Vec<String>, Vec<String>), Error> {
+    let sent: Vec<String> = attendances::table
+        .filter(attendances::nhs_number.eq_any(numbers))
+        .select(attendances::id)
+        .load(conn)?;
+    let told: Vec<String> = notifications::table
+        .filter(notifications::nhs_number.eq_any(numbers))
+        .select(notifications::id)
+        .load(conn)?;
+    Ok((sent, told))
+}
+
+/// One write: removes these plans if they are still due, and for each of their people left with no plan, the
+/// person, their identifier links, accesses and attendances, and their notifications' contents. `sent` and `told`
+/// are [`unindexed_rows`] of the same people; only those about a person removed here are touched.
+fn purge_people(
+    conn: &mut DbConnection,
+    today: NaiveDate,
+    r: &RetentionSettings,
+    plan_ids: &[String],
+    sent: &[String],
+    told: &[String],
+) -> Result<PurgeReport, Error> {
+    let mut report = PurgeReport::default();
+    // Read again inside the write: a plan changed since the read (its end date moved) is judged as it is now.
+    let still_due: Vec<PlanRow> = plans::table
+        .filter(plans::id.eq_any(plan_ids))
+        .select(PlanRow::as_select())
+        .load::<PlanRow>(conn)?
+        .into_iter()
         .filter(|p| delete_date(p, r).is_some_and(|d| d <= today))
         .collect();
-    let mut numbers: Vec<String> = due.iter().map(|p| p.nhs_number.clone()).collect();
+    let ids: Vec<&str> = still_due.iter().map(|p| p.id.as_str()).collect();
+    report.plans += diesel::delete(plans::table.filter(plans::id.eq_any(&ids))).execute(conn)?;
+    let mut numbers: Vec<&str> = still_due.iter().map(|p| p.nhs_number.as_str()).collect();
     numbers.sort();
     numbers.dedup();
-    for chunk in due.chunks(500) {
-        let ids: Vec<&str> = chunk.iter().map(|p| p.id.as_str()).collect();
-        report.plans += diesel::delete(plans::table.filter(plans::id.eq_any(ids))).execute(conn)?;
-    }
     // People who have no plan left: nothing of theirs is needed any more.
     let still_planned: Vec<String> = plans::table
         .filter(plans::nhs_number.eq_any(&numbers))
         .select(plans::nhs_number)
         .load(conn)?;
-    let gone: Vec<String> = numbers
+    let gone: Vec<&str> = numbers
         .into_iter()
-        .filter(|n| !still_planned.contains(n))
+        .filter(|n| !still_planned.iter().any(|p| p == n))
         .collect();
-    for chunk in gone.chunks(500) {
-        let person_ids: Vec<String> = persons::table
-            .filter(persons::nhs_number.eq_any(chunk))
-            .select(persons::id)
-            .load(conn)?;
-        report.identifier_links += diesel::delete(
-            person_identifiers::table.filter(person_identifiers::person_id.eq_any(&person_ids)),
-        )
-        .execute(conn)?;
-        report.persons +=
-            diesel::delete(persons::table.filter(persons::id.eq_any(&person_ids))).execute(conn)?;
-        report.accesses +=
-            diesel::delete(accesses::table.filter(accesses::nhs_number.eq_any(chunk)))
-                .execute(conn)?;
+    if gone.is_empty() {
+        return Ok(report);
+    }
+    let person_ids: Vec<String> = persons::table
+        .filter(persons::nhs_number.eq_any(&gone))
+        .select(persons::id)
+        .load(conn)?;
+    report.identifier_links += diesel::delete(
+        person_identifiers::table.filter(person_identifiers::person_id.eq_any(&person_ids)),
+    )
+    .execute(conn)?;
+    report.persons +=
+        diesel::delete(persons::table.filter(persons::id.eq_any(&person_ids))).execute(conn)?;
+    report.accesses +=
+        diesel::delete(accesses::table.filter(accesses::nhs_number.eq_any(&gone))).execute(conn)?;
+    report.attendances +=
+        diesel::delete(attendances::table.filter(attendances::resolved_nhs_number.eq_any(&gone)))
+            .execute(conn)?;
+    // Statements of at most ROWS_PER_WRITE ids each: SQLite and PostgreSQL bound the values one may carry.
+    for ids in sent.chunks(ROWS_PER_WRITE) {
         report.attendances += diesel::delete(
-            attendances::table.filter(
-                attendances::resolved_nhs_number
-                    .eq_any(chunk)
-                    .or(attendances::nhs_number.eq_any(chunk)),
-            ),
+            attendances::table
+                .filter(attendances::id.eq_any(ids))
+                .filter(attendances::nhs_number.eq_any(&gone)),
         )
         .execute(conn)?;
-        report.notifications_cleared +=
-            diesel::update(notifications::table.filter(notifications::nhs_number.eq_any(chunk)))
+    }
+    for ids in told.chunks(ROWS_PER_WRITE) {
+        report.notifications_cleared += diesel::update(
+            notifications::table
+                .filter(notifications::id.eq_any(ids))
+                .filter(notifications::nhs_number.eq_any(&gone)),
+        )
+        .set((
+            notifications::nhs_number.eq(None::<String>),
+            notifications::payload.eq(None::<String>),
+        ))
+        .execute(conn)?;
+    }
+    Ok(report)
+}
+
+/// What a purge of activity older than the retention period removes: one table's rows, found by a read of up to
+/// `limit` ids and removed by id in writes, each checking the condition again.
+#[derive(Clone, Copy)]
+enum Old {
+    Attendances,
+    Accesses,
+    /// Notifications keep their row (delivery records) and lose their contents.
+    NotificationContents,
+    /// Persons met only through attendances or feeds, with no plan, not seen for the retention period.
+    Persons,
+}
+
+impl Old {
+    fn find(
+        self,
+        conn: &mut DbConnection,
+        before: Stamp,
+        limit: i64,
+    ) -> Result<Vec<String>, Error> {
+        match self {
+            Old::Attendances => attendances::table
+                .filter(attendances::arrived_at.lt(before))
+                .select(attendances::id)
+                .limit(limit)
+                .load(conn),
+            Old::Accesses => accesses::table
+                .filter(accesses::at.lt(before))
+                .select(accesses::id)
+                .limit(limit)
+                .load(conn),
+            Old::NotificationContents => notifications::table
+                .filter(notifications::occurred_at.lt(before))
+                .filter(notifications::payload.is_not_null())
+                .select(notifications::id)
+                .limit(limit)
+                .load(conn),
+            Old::Persons => persons::table
+                .filter(persons::updated_at.lt(before))
+                .filter(diesel::dsl::not(diesel::dsl::exists(
+                    plans::table.filter(plans::nhs_number.nullable().eq(persons::nhs_number)),
+                )))
+                .select(persons::id)
+                .limit(limit)
+                .load(conn),
+        }
+    }
+
+    /// One write: removes (or clears) those of `ids` that still meet the condition.
+    fn remove(
+        self,
+        conn: &mut DbConnection,
+        before: Stamp,
+        ids: &[String],
+    ) -> Result<PurgeReport, Error> {
+        let mut report = PurgeReport::default();
+        match self {
+            Old::Attendances => {
+                report.attendances = diesel::delete(
+                    attendances::table
+                        .filter(attendances::id.eq_any(ids))
+                        .filter(attendances::arrived_at.lt(before)),
+                )
+                .execute(conn)?
+            }
+            Old::Accesses => {
+                report.accesses = diesel::delete(
+                    accesses::table
+                        .filter(accesses::id.eq_any(ids))
+                        .filter(accesses::at.lt(before)),
+                )
+                .execute(conn)?
+            }
+            Old::NotificationContents => {
+                report.notifications_cleared = diesel::update(
+                    notifications::table
+                        .filter(notifications::id.eq_any(ids))
+                        .filter(notifications::occurred_at.lt(before))
+                        .filter(notifications::payload.is_not_null()),
+                )
                 .set((
                     notifications::nhs_number.eq(None::<String>),
                     notifications::payload.eq(None::<String>),
                 ))
+                .execute(conn)?
+            }
+            Old::Persons => {
+                // Checked again inside the write: a person seen or planned since the read stays.
+                let stale: Vec<String> = persons::table
+                    .filter(persons::id.eq_any(ids))
+                    .filter(persons::updated_at.lt(before))
+                    .filter(diesel::dsl::not(diesel::dsl::exists(
+                        plans::table.filter(plans::nhs_number.nullable().eq(persons::nhs_number)),
+                    )))
+                    .select(persons::id)
+                    .load(conn)?;
+                report.identifier_links = diesel::delete(
+                    person_identifiers::table.filter(person_identifiers::person_id.eq_any(&stale)),
+                )
                 .execute(conn)?;
+                report.persons = diesel::delete(persons::table.filter(persons::id.eq_any(&stale)))
+                    .execute(conn)?;
+            }
+        }
+        Ok(report)
     }
-    // Activity older than the retention period, whoever it was about.
-    let activity_before = now - chrono::Duration::days(r.activity_days.into());
-    report.attendances += diesel::delete(
-        attendances::table.filter(attendances::arrived_at.lt(Stamp(activity_before))),
-    )
-    .execute(conn)?;
-    report.accesses +=
-        diesel::delete(accesses::table.filter(accesses::at.lt(Stamp(activity_before))))
-            .execute(conn)?;
-    report.notifications_cleared += diesel::update(
-        notifications::table
-            .filter(notifications::occurred_at.lt(Stamp(activity_before)))
-            .filter(notifications::payload.is_not_null()),
-    )
-    .set((
-        notifications::nhs_number.eq(None::<String>),
-        notifications::payload.eq(None::<String>),
-    ))
-    .execute(conn)?;
-    // Persons met only through attendances or feeds, with no plan, not seen for the retention period.
-    let stale: Vec<String> = persons::table
-        .filter(persons::updated_at.lt(Stamp(activity_before)))
-        .filter(diesel::dsl::not(diesel::dsl::exists(
-            plans::table.filter(plans::nhs_number.nullable().eq(persons::nhs_number)),
-        )))
-        .select(persons::id)
-        .load(conn)?;
-    for chunk in stale.chunks(500) {
-        report.identifier_links += diesel::delete(
-            person_identifiers::table.filter(person_identifiers::person_id.eq_any(chunk)),
-        )
-        .execute(conn)?;
-        report.persons +=
-            diesel::delete(persons::table.filter(persons::id.eq_any(chunk))).execute(conn)?;
+}
+
+/// Removes what one kind of old activity holds, a read's worth at a time, `rows` a write.
+async fn purge_old(
+    state: &AppState,
+    old: Old,
+    before: Stamp,
+    rows: usize,
+) -> anyhow::Result<PurgeReport> {
+    let mut report = PurgeReport::default();
+    let limit = rows * READ_BATCHES;
+    loop {
+        let found: Vec<String> = state
+            .db
+            .run(move |conn| old.find(conn, before, limit as i64).map_err(DbError::from))
+            .await?;
+        for ids in found.chunks(rows) {
+            let ids = ids.to_vec();
+            let part = state
+                .db
+                .write(move |conn| old.remove(conn, before, &ids).map_err(DbError::from))
+                .await?;
+            report.add(part);
+        }
+        // A read that found less than its limit found all there was (what it found is gone now or, if it no
+        // longer met the condition, stays and would be found again).
+        if found.len() < limit {
+            return Ok(report);
+        }
     }
-    report.audit_events = audit::purge_before(conn, audit_before)?;
+}
+
+/// Runs the purge with writes of at most `rows` rows each ([`ROWS_PER_WRITE`] in service; tests pass fewer).
+///
+/// Each write is whole on its own: a purge stopped part way (a crash, a lost database) leaves every plan either
+/// with what only it kept or gone with it, and the next run carries on. The purge's own audit event, with the
+/// counts, comes last.
+pub async fn purge_in_writes_of(state: &AppState, rows: usize) -> anyhow::Result<PurgeReport> {
+    let rows = rows.max(1);
+    let now = state.clock.now_naive();
+    let today = state.clock.today();
+    let retention = state.settings.retention.clone();
+    let audit_before = now - chrono::Duration::days(state.settings.audit.retention_days.into());
+    let mut report = PurgeReport::default();
+
+    // Plans past their delete date, and what only they kept, a write for each `rows` people.
+    let r = retention.clone();
+    let due = state
+        .db
+        .run(move |conn| due_plans(conn, today, &r).map_err(DbError::from))
+        .await?;
+    let mut people: Vec<(String, Vec<String>)> = Vec::new();
+    for (nhs, plan) in due {
+        match people.last_mut() {
+            Some((n, plans)) if *n == nhs => plans.push(plan),
+            _ => people.push((nhs, vec![plan])),
+        }
+    }
+    for group in people.chunks(rows) {
+        let numbers: Vec<String> = group.iter().map(|(n, _)| n.clone()).collect();
+        let plan_ids: Vec<String> = group.iter().flat_map(|(_, p)| p.iter().cloned()).collect();
+        let (sent, told) = state
+            .db
+            .run(move |conn| unindexed_rows(conn, &numbers).map_err(DbError::from))
+            .await?;
+        let r = retention.clone();
+        let part = state
+            .db
+            .write(move |conn| {
+                purge_people(conn, today, &r, &plan_ids, &sent, &told).map_err(DbError::from)
+            })
+            .await?;
+        report.add(part);
+    }
+
+    // Activity older than the retention period, whoever it was about; then the persons it alone kept.
+    let activity_before = Stamp(now - chrono::Duration::days(retention.activity_days.into()));
+    for old in [
+        Old::Attendances,
+        Old::Accesses,
+        Old::NotificationContents,
+        Old::Persons,
+    ] {
+        report.add(purge_old(state, old, activity_before, rows).await?);
+    }
+
+    // Audit events past their retention, oldest first, `rows` a write; the chain stays verifiable after each.
+    let last_old = state
+        .db
+        .run(move |conn| audit::last_before(conn, audit_before).map_err(DbError::from))
+        .await?;
+    if let Some(last_old) = last_old {
+        loop {
+            let deleted = state
+                .db
+                .write(move |conn| {
+                    audit::purge_through(conn, last_old, rows as i64).map_err(DbError::from)
+                })
+                .await?;
+            report.audit_events += deleted;
+            if deleted == 0 {
+                break;
+            }
+        }
+    }
+
     let actor = Actor {
         org: "cpis".into(),
         role: Some("job:purge".into()),
         ..Default::default()
     };
-    audit::append(
-        conn,
-        now,
-        &actor,
-        Event {
-            action: "purge.run",
-            outcome: "ok",
-            detail: Some(serde_json::to_string(&report).unwrap_or_default()),
-            ..Default::default()
-        },
-    )?;
+    state
+        .db
+        .write(move |conn| {
+            audit::append(
+                conn,
+                now,
+                &actor,
+                Event {
+                    action: "purge.run",
+                    outcome: "ok",
+                    detail: Some(serde_json::to_string(&report).unwrap_or_default()),
+                    ..Default::default()
+                },
+            )
+            .map_err(DbError::from)
+        })
+        .await?;
     Ok(report)
 }
 
 pub async fn purge(state: &AppState) -> anyhow::Result<PurgeReport> {
-    let now = state.clock.now_naive();
-    let today = state.clock.today();
-    let retention = state.settings.retention.clone();
-    let audit_before = now - chrono::Duration::days(state.settings.audit.retention_days.into());
-    let report = state
-        .db
-        .write(move |conn| {
-            purge_in(conn, now, today, &retention, audit_before).map_err(DbError::from)
-        })
-        .await?;
+    let report = purge_in_writes_of(state, ROWS_PER_WRITE).await?;
     for (kind, n) in [
         ("plans", report.plans),
         ("persons", report.persons),

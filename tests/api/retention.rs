@@ -239,3 +239,139 @@ async fn audit_events_past_their_retention_go_and_the_rest_of_the_chain_still_ve
         );
     }
 }
+
+/// The writes the group-commit writer of `state` has carried so far (`cpis_db_writes_total`).
+fn writes(state: &AppState) -> u64 {
+    state
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("cpis_db_writes_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("the writer's counter is exported")
+}
+
+fn rows_about(app: &TestApp, nhs: &str) -> (i64, i64, i64) {
+    use cpis::db::schema::{accesses, attendances, notifications};
+    let db = app.db.db();
+    let mut conn = db.get().unwrap();
+    let counted = |n: Result<i64, _>| n.unwrap();
+    (
+        counted(
+            attendances::table
+                .filter(attendances::resolved_nhs_number.eq(nhs))
+                .count()
+                .get_result(&mut *conn),
+        ),
+        counted(
+            accesses::table
+                .filter(accesses::nhs_number.eq(nhs))
+                .count()
+                .get_result(&mut *conn),
+        ),
+        counted(
+            notifications::table
+                .filter(notifications::nhs_number.eq(nhs))
+                .filter(notifications::payload.is_not_null())
+                .count()
+                .get_result(&mut *conn),
+        ),
+    )
+}
+
+/// The purge removes what it finds in writes of its own, each of a few rows, so that flag checks and attendances
+/// never wait behind the whole of it. Done a row a write, it removes exactly what it would in one: people past
+/// their plans with what only they kept, activity past its retention, and audit events past theirs, with the
+/// rest of the chain still verifying.
+#[tokio::test]
+async fn a_purge_done_a_row_a_write_removes_what_is_due_and_nothing_else() {
+    for backend in backends() {
+        let app = spawn_app(backend).await;
+        let w = app.world().await;
+        let gone: Vec<String> = (31..34).map(test_nhs_number).collect();
+        let kept = test_nhs_number(34);
+        // Each child is seen while their plan is open (a hit: an access and a notification), then the plan is
+        // recorded as ended long ago.
+        for (i, nhs) in gone.iter().enumerate() {
+            let body = plan(&format!("ENDED-{i}"), nhs, "CPP", json!({}));
+            let registered = app.post("/v1/plans", &w.la, body).await;
+            assert_eq!(registered.status, 201, "{registered:?}");
+            let seen = app
+                .post(
+                    "/v1/flag-checks",
+                    &w.care,
+                    json!({"patient": {"nhs_number": nhs}}),
+                )
+                .await;
+            assert_eq!(seen.body["flags"][0]["status"], "active", "{seen:?}");
+            let path = format!("/v1/plans/{}", registered.body["id"].as_str().unwrap());
+            let ended = app
+                .patch(&path, &w.la, json!({"end_date": "2025-01-31"}))
+                .await;
+            assert_eq!(ended.status, 200, "{ended:?}");
+        }
+        let open = plan("OPEN", &kept, "CPP", json!({}));
+        assert_eq!(app.post("/v1/plans", &w.la, open).await.status, 201);
+        for (id, arrived) in [
+            ("OLD-1", "2026-06-01T10:00:00Z"),
+            ("NEW-1", "2026-11-20T22:15:00Z"),
+        ] {
+            let att = json!({"attendance_id": id, "setting_ods": "RXK01", "setting_type": "ED",
+                             "arrived_at": arrived, "patient": {"nhs_number": kept}});
+            let r = app.post("/v1/attendances", &w.care, att).await;
+            assert_eq!(r.status, 201, "{r:?}");
+        }
+        for nhs in &gone {
+            assert_eq!(rows_about(&app, nhs), (0, 1, 1), "a check of {nhs}");
+        }
+        assert_eq!(rows_about(&app, &kept), (2, 2, 2));
+        let events = app.get("/v1/audit/verify", &w.auditor).await.body["checked"]
+            .as_u64()
+            .unwrap();
+
+        let mut settings = app.db.settings();
+        settings.jobs = Default::default();
+        // Activity before 2 September 2026 is old; every audit event so far is past its retention.
+        settings.retention.activity_days = 90;
+        settings.audit.retention_days = 1;
+        let state = AppState::new(settings, at(2026, 12, 1)).unwrap();
+        let before = writes(&state);
+        let report = cpis::retention::purge_in_writes_of(&state, 1)
+            .await
+            .unwrap();
+        let report = serde_json::to_value(report).unwrap();
+        assert_eq!(
+            report,
+            json!({"plans": 3, "persons": 3, "identifier_links": 0, "attendances": 1, "accesses": 4,
+                   "notifications_cleared": 4, "audit_events": events}),
+            "the three ended plans' people and what they kept, the old attendance, its access and its \
+             notification's contents, and every audit event"
+        );
+        let used = writes(&state) - before;
+        assert!(
+            used > 3 + 3 + events,
+            "a write for each person, each old row and each audit event, and the purge's own event: {used}"
+        );
+
+        for nhs in &gone {
+            assert_eq!(rows_about(&app, nhs), (0, 0, 0), "{nhs} is gone");
+            assert_eq!(count_persons(&app, nhs), 0);
+        }
+        assert_eq!(
+            rows_about(&app, &kept),
+            (1, 1, 1),
+            "the recent attendance, its access and its notification stay"
+        );
+        assert_eq!(remaining_references(&app), ["OPEN"]);
+        let verify = app.get("/v1/audit/verify", &w.auditor).await;
+        assert_eq!(
+            (verify.body["ok"].as_bool(), verify.body["checked"].as_i64()),
+            (Some(true), Some(1)),
+            "the purge's own event, verified from the chain's new start: {verify:?}"
+        );
+        let again = cpis::retention::purge_in_writes_of(&state, 1)
+            .await
+            .unwrap();
+        assert_eq!((again.plans, again.attendances, again.accesses), (0, 0, 0));
+    }
+}
