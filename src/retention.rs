@@ -188,6 +188,18 @@ fn purge_people(
     Ok(report)
 }
 
+/// Persons with no plan not seen since `before` (met only through attendances or feeds).
+fn stale_persons(
+    before: Stamp,
+) -> persons::BoxedQuery<'static, <DbConnection as diesel::Connection>::Backend> {
+    persons::table
+        .filter(persons::updated_at.lt(before))
+        .filter(diesel::dsl::not(diesel::dsl::exists(
+            plans::table.filter(plans::nhs_number.nullable().eq(persons::nhs_number)),
+        )))
+        .into_boxed()
+}
+
 /// What a purge of activity older than the retention period removes: one table's rows, found by a read of up to
 /// `limit` ids and removed by id in writes, each checking the condition again.
 #[derive(Clone, Copy)]
@@ -224,11 +236,7 @@ impl Old {
                 .select(notifications::id)
                 .limit(limit)
                 .load(conn),
-            Old::Persons => persons::table
-                .filter(persons::updated_at.lt(before))
-                .filter(diesel::dsl::not(diesel::dsl::exists(
-                    plans::table.filter(plans::nhs_number.nullable().eq(persons::nhs_number)),
-                )))
+            Old::Persons => stale_persons(before)
                 .select(persons::id)
                 .limit(limit)
                 .load(conn),
@@ -275,12 +283,8 @@ impl Old {
             }
             Old::Persons => {
                 // Checked again inside the write: a person seen or planned since the read stays.
-                let stale: Vec<String> = persons::table
+                let stale: Vec<String> = stale_persons(before)
                     .filter(persons::id.eq_any(ids))
-                    .filter(persons::updated_at.lt(before))
-                    .filter(diesel::dsl::not(diesel::dsl::exists(
-                        plans::table.filter(plans::nhs_number.nullable().eq(persons::nhs_number)),
-                    )))
                     .select(persons::id)
                     .load(conn)?;
                 report.identifier_links = diesel::delete(

@@ -325,6 +325,52 @@ async fn a_purge_done_a_row_a_write_removes_what_is_due_and_nothing_else() {
             assert_eq!(rows_about(&app, nhs), (0, 1, 1), "a check of {nhs}");
         }
         assert_eq!(rows_about(&app, &kept), (2, 2, 2));
+        // Two people the MPI met without a plan, one last seen in January, one today; the first has an
+        // identifier link.
+        let (stale, seen) = (test_nhs_number(35), test_nhs_number(36));
+        {
+            use cpis::db::schema::{person_identifiers, persons};
+            use cpis::db::stamp::Stamp;
+            let db = app.db.db();
+            let mut conn = db.get().unwrap();
+            let january = Stamp(
+                chrono::NaiveDate::from_ymd_opt(2026, 1, 5)
+                    .unwrap()
+                    .and_hms_opt(9, 0, 0)
+                    .unwrap(),
+            );
+            let today = Stamp(chrono::Utc::now().naive_utc());
+            for (id, nhs, last) in [("P-STALE", &stale, january), ("P-SEEN", &seen, today)] {
+                let person = cpis::mpi::builtin::PersonRow {
+                    id: id.into(),
+                    nhs_number: Some(nhs.clone()),
+                    given_name: None,
+                    family_name: None,
+                    birth_date: None,
+                    sex: None,
+                    postcode: None,
+                    name_key: None,
+                    postcode_key: None,
+                    created_at: last,
+                    updated_at: last,
+                };
+                diesel::insert_into(persons::table)
+                    .values(&person)
+                    .execute(&mut *conn)
+                    .unwrap();
+            }
+            diesel::insert_into(person_identifiers::table)
+                .values((
+                    person_identifiers::system.eq("https://example.org/mrn"),
+                    person_identifiers::value.eq("MRN-35"),
+                    person_identifiers::region.eq("BSOL"),
+                    person_identifiers::person_id.eq("P-STALE"),
+                    person_identifiers::created_at.eq(january),
+                    person_identifiers::updated_at.eq(january),
+                ))
+                .execute(&mut *conn)
+                .unwrap();
+        }
         let events = app.get("/v1/audit/verify", &w.auditor).await.body["checked"]
             .as_u64()
             .unwrap();
@@ -342,14 +388,18 @@ async fn a_purge_done_a_row_a_write_removes_what_is_due_and_nothing_else() {
         let report = serde_json::to_value(report).unwrap();
         assert_eq!(
             report,
-            json!({"plans": 3, "persons": 3, "identifier_links": 0, "attendances": 1, "accesses": 4,
+            json!({"plans": 3, "persons": 4, "identifier_links": 1, "attendances": 1, "accesses": 4,
                    "notifications_cleared": 4, "audit_events": events}),
             "the three ended plans' people and what they kept, the old attendance, its access and its \
-             notification's contents, and every audit event"
+             notification's contents, the person not seen since January with their link, and every audit event"
         );
         let used = writes(&state) - before;
+        assert_eq!(
+            (count_persons(&app, &stale), count_persons(&app, &seen)),
+            (0, 1)
+        );
         assert!(
-            used > 3 + 3 + events,
+            used > 3 + 4 + events,
             "a write for each person, each old row and each audit event, and the purge's own event: {used}"
         );
 
