@@ -321,8 +321,8 @@ async fn purge_old(
                 .await?;
             report.add(part);
         }
-        // A read that found less than its limit found all there was (what it found is gone now or, if it no
-        // longer met the condition, stays and would be found again).
+        // A read that found less than its limit found all there was. What it found is gone now, or no longer
+        // meets the condition (a person seen since) and so is not found again: each round makes progress.
         if found.len() < limit {
             return Ok(report);
         }
