@@ -427,7 +427,7 @@ fn update_demographics(
 
 impl PersonRow {
     /// A new person with no demographics yet.
-    fn blank(nhs: Option<&str>, now: NaiveDateTime) -> Self {
+    pub fn blank(nhs: Option<&str>, now: NaiveDateTime) -> Self {
         PersonRow {
             id: crate::db::new_id(),
             nhs_number: nhs.map(str::to_string),

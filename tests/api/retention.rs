@@ -333,26 +333,15 @@ async fn a_purge_done_a_row_a_write_removes_what_is_due_and_nothing_else() {
             use cpis::db::stamp::Stamp;
             let db = app.db.db();
             let mut conn = db.get().unwrap();
-            let january = Stamp(
-                chrono::NaiveDate::from_ymd_opt(2026, 1, 5)
-                    .unwrap()
-                    .and_hms_opt(9, 0, 0)
-                    .unwrap(),
-            );
-            let today = Stamp(chrono::Utc::now().naive_utc());
+            let january = chrono::NaiveDate::from_ymd_opt(2026, 1, 5)
+                .unwrap()
+                .and_hms_opt(9, 0, 0)
+                .unwrap();
+            let today = chrono::Utc::now().naive_utc();
             for (id, nhs, last) in [("P-STALE", &stale, january), ("P-SEEN", &seen, today)] {
                 let person = cpis::mpi::builtin::PersonRow {
                     id: id.into(),
-                    nhs_number: Some(nhs.clone()),
-                    given_name: None,
-                    family_name: None,
-                    birth_date: None,
-                    sex: None,
-                    postcode: None,
-                    name_key: None,
-                    postcode_key: None,
-                    created_at: last,
-                    updated_at: last,
+                    ..cpis::mpi::builtin::PersonRow::blank(Some(nhs), last)
                 };
                 diesel::insert_into(persons::table)
                     .values(&person)
@@ -365,8 +354,8 @@ async fn a_purge_done_a_row_a_write_removes_what_is_due_and_nothing_else() {
                     person_identifiers::value.eq("MRN-35"),
                     person_identifiers::region.eq("BSOL"),
                     person_identifiers::person_id.eq("P-STALE"),
-                    person_identifiers::created_at.eq(january),
-                    person_identifiers::updated_at.eq(january),
+                    person_identifiers::created_at.eq(Stamp(january)),
+                    person_identifiers::updated_at.eq(Stamp(january)),
                 ))
                 .execute(&mut *conn)
                 .unwrap();
