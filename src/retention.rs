@@ -138,13 +138,15 @@ fn purge_people(
     numbers.sort();
     numbers.dedup();
     // People who have no plan left: nothing of theirs is needed any more.
-    let still_planned: Vec<String> = plans::table
+    let still_planned: std::collections::HashSet<String> = plans::table
         .filter(plans::nhs_number.eq_any(&numbers))
         .select(plans::nhs_number)
-        .load(conn)?;
+        .load::<String>(conn)?
+        .into_iter()
+        .collect();
     let gone: Vec<&str> = numbers
         .into_iter()
-        .filter(|n| !still_planned.iter().any(|p| p == n))
+        .filter(|n| !still_planned.contains(*n))
         .collect();
     if gone.is_empty() {
         return Ok(report);
@@ -179,13 +181,22 @@ fn purge_people(
                 .filter(notifications::id.eq_any(ids))
                 .filter(notifications::nhs_number.eq_any(&gone)),
         )
-        .set((
-            notifications::nhs_number.eq(None::<String>),
-            notifications::payload.eq(None::<String>),
-        ))
+        .set(contents_cleared())
         .execute(conn)?;
     }
     Ok(report)
+}
+
+/// What a notification keeps once its contents go: its row and delivery record, without the child's NHS number or
+/// the payload.
+fn contents_cleared() -> (
+    diesel::dsl::Eq<notifications::nhs_number, Option<String>>,
+    diesel::dsl::Eq<notifications::payload, Option<String>>,
+) {
+    (
+        notifications::nhs_number.eq(None::<String>),
+        notifications::payload.eq(None::<String>),
+    )
 }
 
 /// Persons with no plan not seen since `before` (met only through attendances or feeds).
@@ -275,10 +286,7 @@ impl Old {
                         .filter(notifications::occurred_at.lt(before))
                         .filter(notifications::payload.is_not_null()),
                 )
-                .set((
-                    notifications::nhs_number.eq(None::<String>),
-                    notifications::payload.eq(None::<String>),
-                ))
+                .set(contents_cleared())
                 .execute(conn)?
             }
             Old::Persons => {
@@ -348,16 +356,14 @@ pub async fn purge_in_writes_of(state: &AppState, rows: usize) -> anyhow::Result
         .db
         .run(move |conn| due_plans(conn, today, &r).map_err(DbError::from))
         .await?;
-    let mut people: Vec<(String, Vec<String>)> = Vec::new();
-    for (nhs, plan) in due {
-        match people.last_mut() {
-            Some((n, plans)) if *n == nhs => plans.push(plan),
-            _ => people.push((nhs, vec![plan])),
-        }
-    }
+    // A person's plans are together (sorted by NHS number), and a person's plans go in one write.
+    let people: Vec<&[(String, String)]> = due.chunk_by(|a, b| a.0 == b.0).collect();
     for group in people.chunks(rows) {
-        let numbers: Vec<String> = group.iter().map(|(n, _)| n.clone()).collect();
-        let plan_ids: Vec<String> = group.iter().flat_map(|(_, p)| p.iter().cloned()).collect();
+        let numbers: Vec<String> = group.iter().map(|plans| plans[0].0.clone()).collect();
+        let plan_ids: Vec<String> = group
+            .iter()
+            .flat_map(|plans| plans.iter().map(|(_, id)| id.clone()))
+            .collect();
         let (sent, told) = state
             .db
             .run(move |conn| unindexed_rows(conn, &numbers).map_err(DbError::from))
