@@ -302,13 +302,16 @@ impl Drop for Server {
     }
 }
 
+/// The server the benchmark runs: `CPIS_BENCH_SERVER`, or the `cpis` built with it.
+fn server_binary() -> String {
+    std::env::var("CPIS_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cpis").into())
+}
+
 /// Starts `cpis serve` with JSON logs (the Dockerfile's format) at `log_level`; its start-up lines stay in, to
-/// learn its port. The server is the `cpis` built with the benchmark, or the binary `CPIS_BENCH_SERVER` names
-/// (to measure two builds against the same build of the load generator).
+/// learn its port. The server is [`server_binary`]: another build can be measured under the same build of the
+/// load generator.
 fn serve(url: &str, log_level: &str, env: &[(&str, &str)]) -> Server {
-    let binary =
-        std::env::var("CPIS_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cpis").into());
-    let mut child = Command::new(binary)
+    let mut child = Command::new(server_binary())
         .arg("serve")
         .env("CPIS_CONFIG_DIR", "/nonexistent")
         .env("CPIS__DATABASE__URL", url)
@@ -602,9 +605,7 @@ async fn run(args: Args) {
         "\nbackend {}, {} persons/plans, {} past attendances, concurrency {}, {} s per scenario, server log level {}",
         args.backend, args.persons, args.attendances, args.concurrency, args.seconds, args.log_level
     );
-    if let Ok(server) = std::env::var("CPIS_BENCH_SERVER") {
-        println!("server: {server} (CPIS_BENCH_SERVER)");
-    }
+    println!("server: {}", server_binary());
     let no_jobs = [
         ("CPIS__JOBS__DELIVER", ""),
         ("CPIS__JOBS__EXPIRE", ""),

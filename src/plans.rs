@@ -557,10 +557,11 @@ pub async fn expire(state: &crate::startup::AppState) -> anyhow::Result<ExpireRe
                     role: Some("job:expire".into()),
                     ..Default::default()
                 };
+                let ids: Vec<&str> = due.iter().map(|(id, _)| id.as_str()).collect();
+                diesel::update(plans::table.filter(plans::id.eq_any(&ids)))
+                    .set(plans::ended_at.eq(Some(Stamp(now))))
+                    .execute(conn)?;
                 for (id, nhs) in &due {
-                    diesel::update(plans::table.find(id))
-                        .set(plans::ended_at.eq(Some(Stamp(now))))
-                        .execute(conn)?;
                     audit::append(
                         conn,
                         now,

@@ -15,6 +15,7 @@ use crate::startup::AppState;
 use chrono::{Months, NaiveDate};
 use diesel::prelude::*;
 use diesel::result::Error;
+use std::collections::HashMap;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct PurgeReport {
@@ -55,8 +56,9 @@ pub fn delete_date(plan: &PlanRow, r: &RetentionSettings) -> Option<NaiveDate> {
 /// at the benchmark's default size with nothing due (BENCHMARKS.md, twenty-sixth session).
 pub const ROWS_PER_WRITE: usize = 1_000;
 
-/// Ids a read hands the writes at once, at most: each read of a table without an index for the purge's
-/// condition scans it, so a read finds many writes' worth.
+/// How many writes' worth one read finds, at most (old rows by id, or the people past their plans whose rows no
+/// index leads to): each read of a table without an index for the purge's condition scans it, so a read finds
+/// many writes' worth.
 const READ_BATCHES: usize = 20;
 
 impl PurgeReport {
@@ -95,26 +97,57 @@ fn due_plans(
     Ok(due)
 }
 
-/// Rows about these people that no index leads to, found by a read (a scan of each table): attendances sent with
-/// one of the numbers (those resolved to it are found by their index in the write), and notifications about them.
-fn unindexed_rows(
-    conn: &mut DbConnection,
-    numbers: &[String],
-) -> Result<(Vec<String>, Vec<String>), Error> {
-    let sent: Vec<String> = attendances::table
-        .filter(attendances::nhs_number.eq_any(numbers))
-        .select(attendances::id)
-        .load(conn)?;
-    let told: Vec<String> = notifications::table
-        .filter(notifications::nhs_number.eq_any(numbers))
-        .select(notifications::id)
-        .load(conn)?;
-    Ok((sent, told))
+/// Rows about people that no index leads to, by NHS number: attendances sent with the number (those resolved to
+/// it are found by their index in the write), and notifications about them.
+#[derive(Default)]
+struct Unindexed {
+    sent: HashMap<String, Vec<String>>,
+    told: HashMap<String, Vec<String>>,
+}
+
+impl Unindexed {
+    /// One read (a scan of each table) for many writes' people.
+    fn read(conn: &mut DbConnection, numbers: &[&str]) -> Result<Self, Error> {
+        let by_number = |rows: Vec<(Option<String>, String)>| {
+            let mut found: HashMap<String, Vec<String>> = HashMap::new();
+            for (nhs, id) in rows {
+                if let Some(nhs) = nhs {
+                    found.entry(nhs).or_default().push(id);
+                }
+            }
+            found
+        };
+        let sent = attendances::table
+            .filter(attendances::nhs_number.eq_any(numbers))
+            .select((attendances::nhs_number, attendances::id))
+            .load(conn)?;
+        let told = notifications::table
+            .filter(notifications::nhs_number.eq_any(numbers))
+            .select((notifications::nhs_number, notifications::id))
+            .load(conn)?;
+        Ok(Unindexed {
+            sent: by_number(sent),
+            told: by_number(told),
+        })
+    }
+
+    /// The ids of these people's rows, for their write.
+    fn of(&self, numbers: &[&str]) -> (Vec<String>, Vec<String>) {
+        let ids = |found: &HashMap<String, Vec<String>>| {
+            numbers
+                .iter()
+                .filter_map(|n| found.get(*n))
+                .flatten()
+                .cloned()
+                .collect()
+        };
+        (ids(&self.sent), ids(&self.told))
+    }
 }
 
 /// One write: removes these plans if they are still due, and for each of their people left with no plan, the
 /// person, their identifier links, accesses and attendances, and their notifications' contents. `sent` and `told`
-/// are [`unindexed_rows`] of the same people; only those about a person removed here are touched.
+/// are the [`Unindexed`] rows of the same people; only those about a person removed here are touched.
 fn purge_people(
     conn: &mut DbConnection,
     today: NaiveDate,
@@ -356,26 +389,34 @@ pub async fn purge_in_writes_of(state: &AppState, rows: usize) -> anyhow::Result
         .db
         .run(move |conn| due_plans(conn, today, &r).map_err(DbError::from))
         .await?;
-    // A person's plans are together (sorted by NHS number), and a person's plans go in one write.
+    // A person's plans are together (sorted by NHS number), and a person's plans go in one write. The rows no
+    // index leads to are found by one read for as many people as READ_BATCHES writes take.
     let people: Vec<&[(String, String)]> = due.chunk_by(|a, b| a.0 == b.0).collect();
-    for group in people.chunks(rows) {
-        let numbers: Vec<String> = group.iter().map(|plans| plans[0].0.clone()).collect();
-        let plan_ids: Vec<String> = group
-            .iter()
-            .flat_map(|plans| plans.iter().map(|(_, id)| id.clone()))
-            .collect();
-        let (sent, told) = state
+    for read in people.chunks(rows * READ_BATCHES) {
+        let numbers: Vec<String> = read.iter().map(|plans| plans[0].0.clone()).collect();
+        let unindexed = state
             .db
-            .run(move |conn| unindexed_rows(conn, &numbers).map_err(DbError::from))
-            .await?;
-        let r = retention.clone();
-        let part = state
-            .db
-            .write(move |conn| {
-                purge_people(conn, today, &r, &plan_ids, &sent, &told).map_err(DbError::from)
+            .run(move |conn| {
+                let numbers: Vec<&str> = numbers.iter().map(String::as_str).collect();
+                Unindexed::read(conn, &numbers).map_err(DbError::from)
             })
             .await?;
-        report.add(part);
+        for group in read.chunks(rows) {
+            let numbers: Vec<&str> = group.iter().map(|plans| plans[0].0.as_str()).collect();
+            let (sent, told) = unindexed.of(&numbers);
+            let plan_ids: Vec<String> = group
+                .iter()
+                .flat_map(|plans| plans.iter().map(|(_, id)| id.clone()))
+                .collect();
+            let r = retention.clone();
+            let part = state
+                .db
+                .write(move |conn| {
+                    purge_people(conn, today, &r, &plan_ids, &sent, &told).map_err(DbError::from)
+                })
+                .await?;
+            report.add(part);
+        }
     }
 
     // Activity older than the retention period, whoever it was about; then the persons it alone kept.
