@@ -2,7 +2,8 @@
 //! real `cpis serve` (release build) as its own process, drives HTTP load from this process, and prints
 //! throughput and latency percentiles for flag checks that hit and miss, attendances, bulk import and
 //! notification delivery, each beside a reference measured in the same run (`GET /health/live` under the same
-//! load for HTTP; the database's own multi-row insert of the same rows for imports) and its ratio to it.
+//! load for HTTP, run before the first HTTP scenario and again after each, each scenario compared with the two
+//! runs either side of it; the database's own multi-row insert of the same rows for imports) and its ratio to it.
 
 #[path = "../tests/api/receiver.rs"]
 #[allow(dead_code)]
@@ -418,10 +419,10 @@ impl CpuMeter {
         }
     }
 
-    /// Prints the CPU per request over `requests` requests, and the cores each kept busy. PostgreSQL's figure
-    /// counts the processes running at the end, from zero for those that started since (a process that ended in
-    /// between is left out).
-    fn print(&self, requests: f64) {
+    /// The CPU per request over `requests` requests, and the cores each kept busy, as a table line (none without
+    /// requests). PostgreSQL's figure counts the processes running at the end, from zero for those that started
+    /// since (a process that ended in between is left out).
+    fn line(&self, requests: f64) -> Option<String> {
         let wall = self.started.elapsed().as_secs_f64();
         let cpis = cpu_secs(self.server) - self.at_start.0;
         let generator = cpu_secs(std::process::id()) - self.at_start.1;
@@ -431,7 +432,7 @@ impl CpuMeter {
                 .map(|(pid, now)| now - before.get(&pid).copied().unwrap_or(0.0))
                 .sum::<f64>()
         });
-        if requests > 0.0 {
+        (requests > 0.0).then(|| {
             let database = postgres.map_or(String::new(), |pg| {
                 format!(
                     ", PostgreSQL {:.0} µs ({:.2} cores busy)",
@@ -439,14 +440,14 @@ impl CpuMeter {
                     pg / wall
                 )
             });
-            println!(
+            format!(
                 "|   (CPU per request: cpis {:.0} µs, load generator {:.0} µs{database}; cores busy: {cpis_cores:.2} and {generator_cores:.2}) | | | | | | |",
                 1e6 * cpis / requests,
                 1e6 * generator / requests,
                 cpis_cores = cpis / wall,
                 generator_cores = generator / wall,
-            );
-        }
+            )
+        })
     }
 }
 
@@ -536,40 +537,122 @@ async fn writer_counts(client: &reqwest::Client, base: &str) -> (f64, f64) {
     )
 }
 
-/// Runs one HTTP scenario and prints its row, with the writer's commits per second and mean batch, and the CPU
-/// that cpis (`server`, its process id) and the load generator used per request.
-async fn scenario<F>(
+/// The `GET /health/live` runs of one benchmark run. The machine's speed drifts during a run (back-to-back
+/// references differed by up to a third on the twenty-eighth session's machine), so a reference is measured
+/// before the first HTTP scenario and again after each one, and each scenario is compared with the mean of the
+/// two references either side of it.
+struct References {
+    /// Every reference rate so far, in order.
+    all: Vec<f64>,
+}
+
+impl References {
+    /// The first reference, printed as its own row.
+    async fn first(client: &reqwest::Client, base: &str, server: u32, args: &Args) -> Self {
+        let (f, cpu) = reference(client, base, server, args).await;
+        row("GET /health/live (reference)", f, None);
+        print_lines(&cpu);
+        References {
+            all: vec![f.per_sec],
+        }
+    }
+
+    /// Runs one HTTP scenario, then the reference again, and prints the scenario's row (throughput as a share of
+    /// the two references around it), the writer's commits per second and mean batch, and the CPU that cpis and
+    /// the load generator used per request; then the new reference's row.
+    async fn scenario<F>(
+        &mut self,
+        client: &reqwest::Client,
+        base: &str,
+        server: u32,
+        args: &Args,
+        name: &str,
+        make: F,
+    ) -> Figures
+    where
+        F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+    {
+        pause().await;
+        let before = writer_counts(client, base).await;
+        let cpu = CpuMeter::start(server, args.on_postgres());
+        let f = load(client, args.concurrency, args.seconds, make).await;
+        let mut lines: Vec<String> = cpu
+            .line(f.per_sec * args.seconds as f64)
+            .into_iter()
+            .collect();
+        let after = writer_counts(client, base).await;
+        let (batches, writes) = (after.0 - before.0, after.1 - before.1);
+        if batches > 0.0 {
+            lines.push(format!(
+                "|   (writer: {:.0} commits/s, {:.1} writes per commit) | | | | | | |",
+                batches / args.seconds as f64,
+                writes / batches
+            ));
+        }
+        let (next, next_cpu) = reference(client, base, server, args).await;
+        let previous = self.all.last().copied().unwrap_or(next.per_sec);
+        row(name, f, Some((previous + next.per_sec) / 2.0));
+        print_lines(&lines);
+        row("GET /health/live (reference, again)", next, None);
+        print_lines(&next_cpu);
+        self.all.push(next.per_sec);
+        f
+    }
+
+    /// A line on how far the references of this run spread.
+    fn print_spread(&self) {
+        let (lo, hi) = self
+            .all
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let runs: Vec<String> = self.all.iter().map(|r| format!("{r:.0}/s")).collect();
+        println!(
+            "\n`/health/live` runs: {} (the highest {:.0}% above the lowest)",
+            runs.join(", "),
+            100.0 * (hi / lo - 1.0)
+        );
+    }
+}
+
+/// One run of the reference, with its CPU line.
+async fn reference(
     client: &reqwest::Client,
     base: &str,
     server: u32,
     args: &Args,
-    name: &str,
-    reference: Option<Figures>,
-    make: F,
-) -> Figures
-where
-    F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
-{
-    let before = writer_counts(client, base).await;
+) -> (Figures, Vec<String>) {
+    pause().await;
+    let b = base.to_string();
     let cpu = CpuMeter::start(server, args.on_postgres());
-    let f = load(client, args.concurrency, args.seconds, make).await;
-    let after = writer_counts(client, base).await;
-    row(name, f, reference);
-    cpu.print(f.per_sec * args.seconds as f64);
-    let (batches, writes) = (after.0 - before.0, after.1 - before.1);
-    if batches > 0.0 {
-        println!(
-            "|   (writer: {:.0} commits/s, {:.1} writes per commit) | | | | | | |",
-            batches / args.seconds as f64,
-            writes / batches
-        );
-    }
-    f
+    let f = load(client, args.concurrency, args.seconds, move |c, _| {
+        c.get(format!("{b}/health/live"))
+    })
+    .await;
+    (
+        f,
+        cpu.line(f.per_sec * args.seconds as f64)
+            .into_iter()
+            .collect(),
+    )
 }
 
-fn row(name: &str, f: Figures, reference: Option<Figures>) {
+/// A second before each HTTP run, the references' and the scenarios' alike, so that neither starts while the
+/// server is still finishing the run before it (the checkpointer copying a write scenario's pages, the log
+/// thread writing out its lines).
+async fn pause() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+fn print_lines(lines: &[String]) {
+    for l in lines {
+        println!("{l}");
+    }
+}
+
+/// A table row; `reference` is the `/health/live` rate the scenario is compared with.
+fn row(name: &str, f: Figures, reference: Option<f64>) {
     let ratio = reference
-        .map(|r| format!("{:.0}%", 100.0 * f.per_sec / r.per_sec))
+        .map(|r| format!("{:.0}%", 100.0 * f.per_sec / r))
         .unwrap_or_else(|| "-".into());
     println!(
         "| {name} | {:.0}/s | {:.2} ms | {:.2} ms | {:.2} ms | {} | {ratio} |",
@@ -622,76 +705,70 @@ async fn run(args: Args) {
 
     println!("\n| scenario | throughput | p50 | p90 | p99 | errors | of /health/live |");
     println!("|---|---|---|---|---|---|---|");
-    let b = base.clone();
-    let cpu = CpuMeter::start(server.child.id(), args.on_postgres());
-    let health = load(&client, args.concurrency, args.seconds, move |c, _| {
-        c.get(format!("{b}/health/live"))
-    })
-    .await;
-    row("GET /health/live (reference)", health, None);
-    cpu.print(health.per_sec * args.seconds as f64);
+    let mut references = References::first(&client, &base, server.child.id(), &args).await;
 
     if args.runs("hit") {
         let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
-        scenario(
-            &client,
-            &base,
-            server.child.id(),
-            &args,
-            "flag check, hit",
-            Some(health),
-            move |c, n| {
-                let nhs = &f[(n * 7919) % f.len()];
-                c.post(format!("{b}/v1/flag-checks")).bearer_auth(&k).json(
-                    &serde_json::json!({"patient": {"nhs_number": nhs}, "setting_type": "ED"}),
-                )
-            },
-        )
-        .await;
+        references
+            .scenario(
+                &client,
+                &base,
+                server.child.id(),
+                &args,
+                "flag check, hit",
+                move |c, n| {
+                    let nhs = &f[(n * 7919) % f.len()];
+                    c.post(format!("{b}/v1/flag-checks")).bearer_auth(&k).json(
+                        &serde_json::json!({"patient": {"nhs_number": nhs}, "setting_type": "ED"}),
+                    )
+                },
+            )
+            .await;
         peak_rss = peak_rss.max(rss_mb(server.child.id()));
     }
 
     if args.runs("miss") {
         let (b, k, m) = (base.clone(), ed_key.clone(), misses.clone());
-        scenario(
-            &client,
-            &base,
-            server.child.id(),
-            &args,
-            "flag check, miss",
-            Some(health),
-            move |c, n| {
-                c.post(format!("{b}/v1/flag-checks"))
-                    .bearer_auth(&k)
-                    .json(&serde_json::json!({"patient": {"nhs_number": m[n % m.len()]}}))
-            },
-        )
-        .await;
+        references
+            .scenario(
+                &client,
+                &base,
+                server.child.id(),
+                &args,
+                "flag check, miss",
+                move |c, n| {
+                    c.post(format!("{b}/v1/flag-checks"))
+                        .bearer_auth(&k)
+                        .json(&serde_json::json!({"patient": {"nhs_number": m[n % m.len()]}}))
+                },
+            )
+            .await;
         peak_rss = peak_rss.max(rss_mb(server.child.id()));
     }
 
     let run_id = std::process::id();
     if args.runs("attendance") {
         let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
-        scenario(
-            &client,
-            &base,
-            server.child.id(),
-            &args,
-            "attendance (flagged child)",
-            Some(health),
-            move |c, n| {
-                let nhs = &f[(n * 104_729) % f.len()];
-                c.post(format!("{b}/v1/attendances"))
-                    .bearer_auth(&k)
-                    .json(&serde_json::json!({
+        references
+            .scenario(
+                &client,
+                &base,
+                server.child.id(),
+                &args,
+                "attendance (flagged child)",
+                move |c, n| {
+                    let nhs = &f[(n * 104_729) % f.len()];
+                    c.post(format!("{b}/v1/attendances"))
+                        .bearer_auth(&k)
+                        .json(&serde_json::json!({
             "attendance_id": format!("BENCH-{run_id}-{n}"), "setting_ods": ED, "setting_type": "ED",
             "arrived_at": chrono::Utc::now().to_rfc3339(), "patient": {"nhs_number": nhs}}))
-            },
-        )
-        .await;
+                },
+            )
+            .await;
         peak_rss = peak_rss.max(rss_mb(server.child.id()));
     }
+    references.print_spread();
     println!("\nserver resident set, peak seen under load: {peak_rss:.0} MB");
 
     if args.runs("import") {
