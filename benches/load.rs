@@ -537,50 +537,63 @@ async fn writer_counts(client: &reqwest::Client, base: &str) -> (f64, f64) {
     )
 }
 
-/// The `GET /health/live` runs of one benchmark run. The machine's speed drifts during a run (back-to-back
-/// references differed by up to a third on the twenty-eighth session's machine), so a reference is measured
-/// before the first HTTP scenario and again after each one, and each scenario is compared with the mean of the
-/// two references either side of it.
-struct References {
+/// The HTTP scenarios of one benchmark run against one server, with their `GET /health/live` references. The
+/// machine's speed drifts during a run (back-to-back references differed by up to a third on the twenty-eighth
+/// session's machine), so a reference is measured before the first HTTP scenario and again after each one, and
+/// each scenario is compared with the mean of the two references either side of it.
+struct HttpRuns<'a> {
+    client: &'a reqwest::Client,
+    base: &'a str,
+    /// The server's process id.
+    server: u32,
+    args: &'a Args,
     /// Every reference rate so far, in order.
-    all: Vec<f64>,
+    references: Vec<f64>,
+    /// The server's largest resident set seen after a scenario, in MB.
+    peak_rss: f64,
 }
 
-impl References {
-    /// The first reference, printed as its own row.
-    async fn first(client: &reqwest::Client, base: &str, server: u32, args: &Args) -> Self {
-        let (f, cpu) = reference(client, base, server, args).await;
+impl<'a> HttpRuns<'a> {
+    /// Measures the first reference and prints it as its own row.
+    async fn start(
+        client: &'a reqwest::Client,
+        base: &'a str,
+        server: u32,
+        args: &'a Args,
+    ) -> Self {
+        let mut runs = HttpRuns {
+            client,
+            base,
+            server,
+            args,
+            references: Vec::new(),
+            peak_rss: rss_mb(server),
+        };
+        let (f, cpu) = runs.reference().await;
         row("GET /health/live (reference)", f, None);
         print_lines(&cpu);
-        References {
-            all: vec![f.per_sec],
-        }
+        runs.references.push(f.per_sec);
+        runs
     }
 
     /// Runs one HTTP scenario, then the reference again, and prints the scenario's row (throughput as a share of
     /// the two references around it), the writer's commits per second and mean batch, and the CPU that cpis and
     /// the load generator used per request; then the new reference's row.
-    async fn scenario<F>(
-        &mut self,
-        client: &reqwest::Client,
-        base: &str,
-        server: u32,
-        args: &Args,
-        name: &str,
-        make: F,
-    ) -> Figures
+    async fn scenario<F>(&mut self, name: &str, make: F)
     where
         F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
     {
+        let (client, base, args) = (self.client, self.base, self.args);
         pause().await;
         let before = writer_counts(client, base).await;
-        let cpu = CpuMeter::start(server, args.on_postgres());
+        let cpu = CpuMeter::start(self.server, args.on_postgres());
         let f = load(client, args.concurrency, args.seconds, make).await;
         let mut lines: Vec<String> = cpu
             .line(f.per_sec * args.seconds as f64)
             .into_iter()
             .collect();
         let after = writer_counts(client, base).await;
+        self.peak_rss = self.peak_rss.max(rss_mb(self.server));
         let (batches, writes) = (after.0 - before.0, after.1 - before.1);
         if batches > 0.0 {
             lines.push(format!(
@@ -589,51 +602,52 @@ impl References {
                 writes / batches
             ));
         }
-        let (next, next_cpu) = reference(client, base, server, args).await;
-        let previous = self.all.last().copied().unwrap_or(next.per_sec);
+        let (next, next_cpu) = self.reference().await;
+        let previous = self.references.last().copied().unwrap_or(next.per_sec);
         row(name, f, Some((previous + next.per_sec) / 2.0));
         print_lines(&lines);
         row("GET /health/live (reference, again)", next, None);
         print_lines(&next_cpu);
-        self.all.push(next.per_sec);
-        f
+        self.references.push(next.per_sec);
     }
 
-    /// A line on how far the references of this run spread.
-    fn print_spread(&self) {
+    /// One run of the reference, with its CPU line.
+    async fn reference(&self) -> (Figures, Vec<String>) {
+        pause().await;
+        let b = self.base.to_string();
+        let cpu = CpuMeter::start(self.server, self.args.on_postgres());
+        let f = load(
+            self.client,
+            self.args.concurrency,
+            self.args.seconds,
+            move |c, _| c.get(format!("{b}/health/live")),
+        )
+        .await;
+        let seconds = self.args.seconds as f64;
+        (f, cpu.line(f.per_sec * seconds).into_iter().collect())
+    }
+
+    /// How far the references spread, and the largest resident set seen under load.
+    fn finish(&self) {
         let (lo, hi) = self
-            .all
+            .references
             .iter()
             .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
-        let runs: Vec<String> = self.all.iter().map(|r| format!("{r:.0}/s")).collect();
+        let runs: Vec<String> = self
+            .references
+            .iter()
+            .map(|r| format!("{r:.0}/s"))
+            .collect();
         println!(
             "\n`/health/live` runs: {} (the highest {:.0}% above the lowest)",
             runs.join(", "),
             100.0 * (hi / lo - 1.0)
         );
+        println!(
+            "\nserver resident set, peak seen under load: {:.0} MB",
+            self.peak_rss
+        );
     }
-}
-
-/// One run of the reference, with its CPU line.
-async fn reference(
-    client: &reqwest::Client,
-    base: &str,
-    server: u32,
-    args: &Args,
-) -> (Figures, Vec<String>) {
-    pause().await;
-    let b = base.to_string();
-    let cpu = CpuMeter::start(server, args.on_postgres());
-    let f = load(client, args.concurrency, args.seconds, move |c, _| {
-        c.get(format!("{b}/health/live"))
-    })
-    .await;
-    (
-        f,
-        cpu.line(f.per_sec * args.seconds as f64)
-            .into_iter()
-            .collect(),
-    )
 }
 
 /// A second before each HTTP run, the references' and the scenarios' alike, so that neither starts while the
@@ -701,75 +715,43 @@ async fn run(args: Args) {
         .build()
         .unwrap();
     let base = server.address.clone();
-    let mut peak_rss: f64 = rss_mb(server.child.id());
 
     println!("\n| scenario | throughput | p50 | p90 | p99 | errors | of /health/live |");
     println!("|---|---|---|---|---|---|---|");
-    let mut references = References::first(&client, &base, server.child.id(), &args).await;
-
+    let mut runs = HttpRuns::start(&client, &base, server.child.id(), &args).await;
     if args.runs("hit") {
         let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
-        references
-            .scenario(
-                &client,
-                &base,
-                server.child.id(),
-                &args,
-                "flag check, hit",
-                move |c, n| {
-                    let nhs = &f[(n * 7919) % f.len()];
-                    c.post(format!("{b}/v1/flag-checks")).bearer_auth(&k).json(
-                        &serde_json::json!({"patient": {"nhs_number": nhs}, "setting_type": "ED"}),
-                    )
-                },
-            )
-            .await;
-        peak_rss = peak_rss.max(rss_mb(server.child.id()));
+        runs.scenario("flag check, hit", move |c, n| {
+            let nhs = &f[(n * 7919) % f.len()];
+            c.post(format!("{b}/v1/flag-checks"))
+                .bearer_auth(&k)
+                .json(&serde_json::json!({"patient": {"nhs_number": nhs}, "setting_type": "ED"}))
+        })
+        .await;
     }
-
     if args.runs("miss") {
         let (b, k, m) = (base.clone(), ed_key.clone(), misses.clone());
-        references
-            .scenario(
-                &client,
-                &base,
-                server.child.id(),
-                &args,
-                "flag check, miss",
-                move |c, n| {
-                    c.post(format!("{b}/v1/flag-checks"))
-                        .bearer_auth(&k)
-                        .json(&serde_json::json!({"patient": {"nhs_number": m[n % m.len()]}}))
-                },
-            )
-            .await;
-        peak_rss = peak_rss.max(rss_mb(server.child.id()));
+        runs.scenario("flag check, miss", move |c, n| {
+            c.post(format!("{b}/v1/flag-checks"))
+                .bearer_auth(&k)
+                .json(&serde_json::json!({"patient": {"nhs_number": m[n % m.len()]}}))
+        })
+        .await;
     }
-
     let run_id = std::process::id();
     if args.runs("attendance") {
         let (b, k, f) = (base.clone(), ed_key.clone(), flagged.clone());
-        references
-            .scenario(
-                &client,
-                &base,
-                server.child.id(),
-                &args,
-                "attendance (flagged child)",
-                move |c, n| {
-                    let nhs = &f[(n * 104_729) % f.len()];
-                    c.post(format!("{b}/v1/attendances"))
-                        .bearer_auth(&k)
-                        .json(&serde_json::json!({
-            "attendance_id": format!("BENCH-{run_id}-{n}"), "setting_ods": ED, "setting_type": "ED",
-            "arrived_at": chrono::Utc::now().to_rfc3339(), "patient": {"nhs_number": nhs}}))
-                },
-            )
-            .await;
-        peak_rss = peak_rss.max(rss_mb(server.child.id()));
+        runs.scenario("attendance (flagged child)", move |c, n| {
+            let nhs = &f[(n * 104_729) % f.len()];
+            c.post(format!("{b}/v1/attendances"))
+                .bearer_auth(&k)
+                .json(&serde_json::json!({
+                    "attendance_id": format!("BENCH-{run_id}-{n}"), "setting_ods": ED, "setting_type": "ED",
+                    "arrived_at": chrono::Utc::now().to_rfc3339(), "patient": {"nhs_number": nhs}}))
+        })
+        .await;
     }
-    references.print_spread();
-    println!("\nserver resident set, peak seen under load: {peak_rss:.0} MB");
+    runs.finish();
 
     if args.runs("import") {
         bulk_import(&args, &db, &client, &base, &la_key).await;
