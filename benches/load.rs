@@ -538,7 +538,7 @@ async fn writer_counts(client: &reqwest::Client, base: &str) -> (f64, f64) {
 }
 
 /// The HTTP scenarios of one benchmark run against one server, with their `GET /health/live` references. The
-/// machine's speed drifts during a run (back-to-back references differed by up to a third on the twenty-eighth
+/// machine's speed drifts during a run (back-to-back references differed by a third or more on the twenty-eighth
 /// session's machine), so a reference is measured before the first HTTP scenario and again after each one, and
 /// each scenario is compared with the mean of the two references either side of it.
 struct HttpRuns<'a> {
