@@ -584,14 +584,8 @@ impl<'a> HttpRuns<'a> {
         F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
     {
         let (client, base, args) = (self.client, self.base, self.args);
-        pause().await;
         let before = writer_counts(client, base).await;
-        let cpu = CpuMeter::start(self.server, args.on_postgres());
-        let f = load(client, args.concurrency, args.seconds, make).await;
-        let mut lines: Vec<String> = cpu
-            .line(f.per_sec * args.seconds as f64)
-            .into_iter()
-            .collect();
+        let (f, mut lines) = self.measure(make).await;
         let after = writer_counts(client, base).await;
         self.peak_rss = self.peak_rss.max(rss_mb(self.server));
         let (batches, writes) = (after.0 - before.0, after.1 - before.1);
@@ -613,18 +607,22 @@ impl<'a> HttpRuns<'a> {
 
     /// One run of the reference, with its CPU line.
     async fn reference(&self) -> (Figures, Vec<String>) {
-        pause().await;
         let b = self.base.to_string();
-        let cpu = CpuMeter::start(self.server, self.args.on_postgres());
-        let f = load(
-            self.client,
-            self.args.concurrency,
-            self.args.seconds,
-            move |c, _| c.get(format!("{b}/health/live")),
-        )
-        .await;
-        let seconds = self.args.seconds as f64;
-        (f, cpu.line(f.per_sec * seconds).into_iter().collect())
+        self.measure(move |c, _| c.get(format!("{b}/health/live")))
+            .await
+    }
+
+    /// One HTTP run of `make`'s requests, after a [`pause`], with the line of the CPU it took.
+    async fn measure<F>(&self, make: F) -> (Figures, Vec<String>)
+    where
+        F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+    {
+        pause().await;
+        let args = self.args;
+        let cpu = CpuMeter::start(self.server, args.on_postgres());
+        let f = load(self.client, args.concurrency, args.seconds, make).await;
+        let line = cpu.line(f.per_sec * args.seconds as f64);
+        (f, line.into_iter().collect())
     }
 
     /// How far the references spread, and the largest resident set seen under load.
