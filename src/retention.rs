@@ -107,7 +107,7 @@ struct Unindexed {
 
 impl Unindexed {
     /// One read (a scan of each table) for many writes' people.
-    fn read(conn: &mut DbConnection, numbers: &[&str]) -> Result<Self, Error> {
+    fn read(conn: &mut DbConnection, numbers: &[String]) -> Result<Self, Error> {
         let by_number = |rows: Vec<(Option<String>, String)>| {
             let mut found: HashMap<String, Vec<String>> = HashMap::new();
             for (nhs, id) in rows {
@@ -396,10 +396,7 @@ pub async fn purge_in_writes_of(state: &AppState, rows: usize) -> anyhow::Result
         let numbers: Vec<String> = read.iter().map(|plans| plans[0].0.clone()).collect();
         let unindexed = state
             .db
-            .run(move |conn| {
-                let numbers: Vec<&str> = numbers.iter().map(String::as_str).collect();
-                Unindexed::read(conn, &numbers).map_err(DbError::from)
-            })
+            .run(move |conn| Unindexed::read(conn, &numbers).map_err(DbError::from))
             .await?;
         for group in read.chunks(rows) {
             let numbers: Vec<&str> = group.iter().map(|plans| plans[0].0.as_str()).collect();
